@@ -1,0 +1,12 @@
+"""stablediff: Stable Diffusion in clean PyTorch."""
+
+__all__ = ["StableDiffusion"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # lazy, so `import stablediff` and `stablediff --help` stay fast
+    if name == "StableDiffusion":
+        from stablediff.api import StableDiffusion
+
+        return StableDiffusion
+    raise AttributeError(name)

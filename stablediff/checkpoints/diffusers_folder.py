@@ -1,0 +1,96 @@
+"""A model folder in the diffusers layout: model_index.json with unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
+import json
+from pathlib import Path
+
+from stablediff.diffusion.schedules import TrainSchedule
+from stablediff.errors import UserError
+from stablediff.models.clip_text import ClipTextConfig
+from stablediff.models.unet import UNetConfig
+from stablediff.models.vae import VAEConfig
+
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
+                "pytorch_model.bin")
+
+
+def read_config(folder: Path, part: str, name: str = "config.json") -> dict:
+    path = folder / part / name
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{folder}: no {part}/{name}; a diffusers model folder has unet/, vae/, "
+                        "text_encoder/, tokenizer/ and scheduler/ beside model_index.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def weights_file(folder: Path, part: str) -> Path:
+    for name in WEIGHT_NAMES:
+        if (folder / part / name).is_file():
+            return folder / part / name
+    raise UserError(f"{folder / part}: no weights (expected one of {', '.join(WEIGHT_NAMES)}; "
+                    "sharded or variant-only folders are not supported yet)")
+
+
+def _per_level(value, levels: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * levels
+
+
+def unet_config(c: dict) -> UNetConfig:
+    unsupported = {k: c.get(k) for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim",
+                                          "time_cond_proj_dim") if c.get(k) is not None}
+    if unsupported or c.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
+        raise UserError(f"unet: this is not a Stable Diffusion 1.x/2.x UNet (it sets {unsupported or c['mid_block_type']}; "
+                        "SDXL and later families are not supported)")
+    bo = c["block_out_channels"]
+    levels = len(bo)
+    heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)  # diffusers' historic naming
+    depth = c.get("transformer_layers_per_block", 1)
+    if isinstance(depth, (list, tuple)):
+        if len(set(depth)) != 1:
+            raise UserError("unet: per-level transformer depths are not supported (an SDXL-style UNet?)")
+        depth = depth[0]
+    return UNetConfig(
+        in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4), model_channels=bo[0],
+        channel_mult=tuple(b // bo[0] for b in bo), num_res_blocks=c.get("layers_per_block", 2),
+        attention_levels=tuple(t.startswith("CrossAttn") for t in c["down_block_types"]),
+        heads=_per_level(heads, levels), transformer_depth=depth, context_dim=c.get("cross_attention_dim", 768),
+        use_linear_proj=bool(c.get("use_linear_projection", False)), upcast_attention=bool(c.get("upcast_attention", False)),
+        num_classes=c.get("num_class_embeds"), norm_groups=c.get("norm_num_groups", 32))
+
+
+def vae_config(c: dict) -> VAEConfig:
+    bo = c["block_out_channels"]
+    return VAEConfig(ch=bo[0], ch_mult=tuple(b // bo[0] for b in bo), num_res_blocks=c.get("layers_per_block", 2),
+                     in_channels=c.get("in_channels", 3), z_channels=c.get("latent_channels", 4),
+                     scaling_factor=c.get("scaling_factor", 0.18215), norm_groups=c.get("norm_num_groups", 32))
+
+
+def clip_config(c: dict) -> ClipTextConfig:
+    return ClipTextConfig(vocab_size=c.get("vocab_size", 49408), width=c["hidden_size"], layers=c["num_hidden_layers"],
+                          heads=c["num_attention_heads"], intermediate=c["intermediate_size"],
+                          max_len=c.get("max_position_embeddings", 77), act=c.get("hidden_act", "quick_gelu"),
+                          eps=c.get("layer_norm_eps", 1e-5))
+
+
+def train_schedule(c: dict) -> TrainSchedule:
+    prediction = {"epsilon": "epsilon", "v_prediction": "v"}.get(c.get("prediction_type", "epsilon"))
+    if prediction is None:
+        raise UserError(f"scheduler: prediction type {c.get('prediction_type')!r} is not supported (epsilon or v_prediction)")
+    return TrainSchedule(beta_start=c.get("beta_start", 0.00085), beta_end=c.get("beta_end", 0.012),
+                         beta_schedule=c.get("beta_schedule", "scaled_linear"),
+                         num_train_timesteps=c.get("num_train_timesteps", 1000), prediction=prediction,
+                         spacing=c.get("timestep_spacing", "leading"), steps_offset=c.get("steps_offset", 0),
+                         set_alpha_to_one=c.get("set_alpha_to_one", False))
+
+
+def pad_token(folder: Path) -> str | None:
+    """The tokenizer folder's pad token (SD 2.x pads with "!"), if it names one."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = folder / "tokenizer" / name
+        if path.is_file():
+            pad = json.loads(path.read_text(encoding="utf-8")).get("pad_token")
+            if isinstance(pad, dict):
+                pad = pad.get("content")
+            if pad:
+                return pad
+    return None

@@ -1,0 +1,35 @@
+"""Device and precision choice. Nothing here runs at import time."""
+import torch
+
+from stablediff.errors import UserError
+
+PRECISIONS = ("autocast", "full", "fp32", "fp16", "bf16")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available (use --device cpu)")
+    return device
+
+
+def resolve_dtype(precision: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """autocast: fp16 on CUDA, fp32 elsewhere; full and fp32 are float32."""
+    if isinstance(precision, torch.dtype):
+        return precision
+    precision = precision or "autocast"
+    if precision == "autocast":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    table = {"full": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in table:
+        raise UserError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    return table[precision]

@@ -1,0 +1,95 @@
+"""The CLIP text transformer (ViT-L/14 for SD 1.x, OpenCLIP ViT-H/14 for SD 2.x), with HF CLIP's names."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stablediff.nn.attention import attention
+
+
+@dataclass(frozen=True)
+class ClipTextConfig:
+    vocab_size: int = 49408
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate: int = 3072
+    max_len: int = 77
+    act: str = "quick_gelu"  # OpenCLIP ViT-H uses "gelu"
+    skip_layers: int = 0  # SD 2.x single files: 1 (the penultimate layer's states feed the UNet)
+    eps: float = 1e-5
+
+
+SD1_CLIP = ClipTextConfig()
+SD2_CLIP = ClipTextConfig(width=1024, layers=24, heads=16, intermediate=4096, act="gelu", skip_layers=1)
+
+_ACTS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
+
+
+class ClipAttention(nn.Module):
+    def __init__(self, cfg: ClipTextConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(cfg.width, cfg.width) for _ in range(4))
+
+    def forward(self, x):
+        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True))
+
+
+class ClipMLP(nn.Module):
+    def __init__(self, cfg: ClipTextConfig):
+        super().__init__()
+        self.act = _ACTS[cfg.act]
+        self.fc1 = nn.Linear(cfg.width, cfg.intermediate)
+        self.fc2 = nn.Linear(cfg.intermediate, cfg.width)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ClipLayer(nn.Module):
+    def __init__(self, cfg: ClipTextConfig):
+        super().__init__()
+        self.self_attn = ClipAttention(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.mlp = ClipMLP(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class ClipEmbeddings(nn.Module):
+    def __init__(self, cfg: ClipTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = nn.Embedding(cfg.max_len, cfg.width)
+
+    def forward(self, ids):
+        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+
+
+class ClipEncoder(nn.Module):
+    def __init__(self, cfg: ClipTextConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(ClipLayer(cfg) for _ in range(cfg.layers))
+
+
+class ClipTextModel(nn.Module):
+    """(B, 77) token ids -> (B, 77, width) states, taken `skip` layers before the last, then layer-normed."""
+
+    def __init__(self, cfg: ClipTextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = ClipEmbeddings(cfg)
+        self.encoder = ClipEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
+
+    def forward(self, ids: torch.Tensor, skip: int | None = None) -> torch.Tensor:
+        skip = self.config.skip_layers if skip is None else skip
+        x = self.embeddings(ids)
+        for layer in self.encoder.layers[: len(self.encoder.layers) - skip]:
+            x = layer(x)
+        return self.final_layer_norm(x)

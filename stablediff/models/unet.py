@@ -1,0 +1,185 @@
+"""The Stable Diffusion UNet, with CompVis' attribute names so original checkpoints load without renaming."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stablediff.nn.attention import CrossAttention
+from stablediff.nn.layers import Downsample, Upsample, group_norm, timestep_embedding
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[bool, ...] = (True, True, True, False)
+    heads: tuple[int, ...] = (8, 8, 8, 8)  # attention heads per level; the middle block uses the last
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_proj: bool = False  # SD 2.x: linear proj_in/out instead of 1x1 convs
+    upcast_attention: bool = False
+    num_classes: int | None = None  # x4 upscaler: noise level as a class embedding
+    norm_groups: int = 32
+
+
+SD1_UNET = UNetConfig()
+SD2_UNET = UNetConfig(heads=(5, 10, 20, 20), context_dim=1024, use_linear_proj=True)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(group_norm(cin, groups=groups), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
+        self.out_layers = nn.Sequential(
+            group_norm(cout, groups=groups), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(cout, cout, 3, padding=1)
+        )
+        self.skip_connection = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool):
+        super().__init__()
+        head_dim = dim // heads
+        self.attn1 = CrossAttention(dim, None, heads, head_dim, upcast)
+        self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, upcast)
+        self.ff = FeedForward(dim)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    def __init__(self, channels: int, heads: int, depth: int, cfg: UNetConfig):
+        super().__init__()
+        self.linear = cfg.use_linear_proj
+        self.norm = group_norm(channels, eps=1e-6, groups=cfg.norm_groups)
+        proj = (lambda: nn.Linear(channels, channels)) if self.linear else (lambda: nn.Conv2d(channels, channels, 1))
+        self.proj_in = proj()
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, heads, cfg.context_dim, cfg.upcast_attention) for _ in range(depth)
+        )
+        self.proj_out = proj()
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        if not self.linear:
+            y = self.proj_in(y)
+        y = y.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, C, H, W) -> (B, HW, C)
+        if self.linear:
+            y = self.proj_in(y)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        if self.linear:
+            y = self.proj_out(y)
+        y = y.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        if not self.linear:
+            y = self.proj_out(y)
+        return x + y
+
+
+def _run_block(block: nn.Sequential, h, emb, context, upsample_size=None):
+    for layer in block:
+        if isinstance(layer, ResBlock):
+            h = layer(h, emb)
+        elif isinstance(layer, SpatialTransformer):
+            h = layer(h, context)
+        elif isinstance(layer, Upsample):
+            h = layer(h, upsample_size)
+        else:
+            h = layer(h)
+    return h
+
+
+class UNet(nn.Module):
+    """eps (or v) = unet(x (B,C,H,W), t (B,) float timesteps, context (B,77k,D), y (B,) class labels)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        mc, groups = cfg.model_channels, cfg.norm_groups
+        emb_dim = mc * 4
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.num_classes is not None:
+            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
+
+        def attn(ch, level):
+            return [SpatialTransformer(ch, cfg.heads[level], cfg.transformer_depth, cfg)] if cfg.attention_levels[level] else []
+
+        self.input_blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skips, ch = [mc], mc
+        levels = len(cfg.channel_mult)
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.input_blocks.append(nn.Sequential(ResBlock(ch, mc * mult, emb_dim, groups), *attn(mc * mult, level)))
+                ch = mc * mult
+                skips.append(ch)
+            if level != levels - 1:
+                self.input_blocks.append(nn.Sequential(Downsample(ch)))
+                skips.append(ch)
+
+        self.middle_block = nn.Sequential(
+            ResBlock(ch, ch, emb_dim, groups),
+            SpatialTransformer(ch, cfg.heads[-1], cfg.transformer_depth, cfg),
+            ResBlock(ch, ch, emb_dim, groups),
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(levels)):
+            mult = cfg.channel_mult[level]
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skips.pop(), mc * mult, emb_dim, groups), *attn(mc * mult, level)]
+                ch = mc * mult
+                if level != 0 and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(nn.Sequential(*layers))
+
+        self.out = nn.Sequential(group_norm(ch, groups=groups), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    def forward(self, x, t, context, y=None):
+        emb = timestep_embedding(t.expand(x.shape[0]), self.config.model_channels).to(x.dtype)
+        emb = self.time_embed(emb)
+        if self.config.num_classes is not None:
+            emb = emb + self.label_emb(y)
+        h, skips = x, []
+        for block in self.input_blocks:
+            h = _run_block(block, h, emb, context)
+            skips.append(h)
+        h = _run_block(self.middle_block, h, emb, context)
+        for i, block in enumerate(self.output_blocks):
+            h = torch.cat([h, skips.pop()], dim=1)
+            # upsample to the size of the next skip, so odd latent sizes (e.g. H=72 -> 9) line up
+            size = skips[-1].shape[-2:] if skips else None
+            h = _run_block(block, h, emb, context, size)
+        return self.out(h)

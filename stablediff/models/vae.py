@@ -1,0 +1,142 @@
+"""The KL autoencoder (f=8) that maps images to latents and back, with CompVis' attribute names."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stablediff.nn.attention import attention
+from stablediff.nn.layers import Downsample, Upsample, group_norm
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    in_channels: int = 3
+    z_channels: int = 4
+    scaling_factor: float = 0.18215
+    norm_groups: int = 32
+
+
+SD_VAE = VAEConfig()
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, groups: int):
+        super().__init__()
+        self.norm1 = group_norm(cin, eps=1e-6, groups=groups)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = group_norm(cout, eps=1e-6, groups=groups)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels (1x1 conv projections, as CompVis stores them)."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.norm = group_norm(ch, eps=1e-6, groups=groups)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        # (B, C, H, W) -> (B, HW, C)
+        q, k, v = (p(y).flatten(2).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
+        return x + self.proj_out(y)
+
+
+class _Mid(nn.Module):
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(ch, ch, groups)
+        self.attn_1 = AttnBlock(ch, groups)
+        self.block_2 = ResnetBlock(ch, ch, groups)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        g, chs = cfg.norm_groups, [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        cin = cfg.ch
+        for i, cout in enumerate(chs):
+            level = nn.Module()
+            level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout, g) for j in range(cfg.num_res_blocks))
+            if i != len(chs) - 1:
+                level.downsample = Downsample(cout, asymmetric=True)
+            self.down.append(level)
+            cin = cout
+        self.mid = _Mid(cin, g)
+        self.norm_out = group_norm(cin, eps=1e-6, groups=g)
+        self.conv_out = nn.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        g, chs = cfg.norm_groups, [cfg.ch * m for m in cfg.ch_mult]
+        cin = chs[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, cin, 3, padding=1)
+        self.mid = _Mid(cin, g)
+        levels = [None] * len(chs)  # up[i] is stored at its resolution index, run from deepest to 0
+        for i in reversed(range(len(chs))):
+            level = nn.Module()
+            level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else chs[i], chs[i], g) for j in range(cfg.num_res_blocks + 1))
+            if i != 0:
+                level.upsample = Upsample(chs[i])
+            levels[i] = level
+            cin = chs[i]
+        self.up = nn.ModuleList(levels)
+        self.norm_out = group_norm(cin, eps=1e-6, groups=g)
+        self.conv_out = nn.Conv2d(cin, cfg.in_channels, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image in [-1, 1] (B,3,H,W) -> (mean, logvar) of the unscaled latent distribution."""
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents (B,4,h,w) -> image in about [-1, 1]."""
+        return self.decoder(self.post_quant_conv(z))

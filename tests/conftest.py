@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random-weight models of the real architecture, built and saved by the reference
+libraries (diffusers, transformers), so our loader reads the same files users have."""
+from pathlib import Path
+
+import pytest
+import torch
+
+TABLES = Path(__file__).resolve().parents[1] / "stablediff" / "data" / "clip-tokenizer"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="run full-size slow tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def _jitter_norms(module: torch.nn.Module, gen: torch.Generator) -> None:
+    """Norm layers start at weight 1, bias 0; perturb them so a swapped norm mapping cannot go unnoticed."""
+    for name, p in module.named_parameters():
+        if "norm" in name:
+            p.data += 0.1 * torch.randn(p.shape, generator=gen)
+
+
+def make_reference_pipeline(v_prediction: bool = False, sd2: bool = False):
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=(2, 4, 4) if sd2 else 8, use_linear_projection=sd2, norm_num_groups=32)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 64, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=32, sample_size=64)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                        intermediate_size=37, max_position_embeddings=77, bos_token_id=49406,
+                                        eos_token_id=49407, pad_token_id=49407,
+                                        hidden_act="gelu" if sd2 else "quick_gelu"))
+    for m in (unet, vae, text):
+        _jitter_norms(m, gen)
+    tok = CLIPTokenizer(str(TABLES / "vocab.json"), str(TABLES / "merges.txt"), pad_token="!" if sd2 else "<|endoftext|>",
+                        model_max_length=77)
+    # the scheduler config shipped with SD 1.5 / 2.x (clip_sample false matters: DDIM's class default clips x0)
+    sched = PNDMScheduler.from_config(dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, clip_sample=False,
+        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, trained_betas=None,
+        prediction_type="v_prediction" if v_prediction else "epsilon"))
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny SD 1.x-shaped model folder in the diffusers layout (safetensors)."""
+    path = tmp_path_factory.mktemp("models") / "tiny-sd1"
+    make_reference_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_v_model_dir(tmp_path_factory) -> Path:
+    """A tiny SD 2.x-shaped (linear projections, gelu, "!" padding) v-prediction model folder, as .bin pickles."""
+    path = tmp_path_factory.mktemp("models") / "tiny-sd2-v"
+    make_reference_pipeline(v_prediction=True, sd2=True).save_pretrained(path, safe_serialization=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def ours(tiny_model_dir):
+    from stablediff import StableDiffusion
+
+    return StableDiffusion.load(tiny_model_dir, device="cpu", dtype="fp32")
