@@ -80,13 +80,19 @@ class StableDiffusion:
     def denoiser(self) -> Denoiser:
         return self._denoiser
 
-    def txt2img(self, prompt: str | list[str], negative_prompt: str = "", *, steps: int = 20, sampler: str = "dpmpp_2m",
-                schedule: str | None = "karras", scale: float = 7.5, eta: float | None = None,
-                width: int | None = None, height: int | None = None, seed: int | None = None, batch_size: int = 1,
+    def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int = 20,
+                sampler: str = "DPM++ 2M Karras", schedule: str | None = None, scale: float = 7.5,
+                eta: float | None = None, width: int | None = None, height: int | None = None,
+                seed: int | list[int] | None = None, batch_size: int = 1,
                 callback: Callable | None = None) -> list[Image.Image]:
-        """Images for a prompt (or one per prompt in a list); image i uses seed + i. Each carries its parameters."""
+        """Images for a prompt (batch_size of them) or one per prompt in a list; image i uses seed + i (or
+        seed[i]). schedule None: the one in the sampler's name ("... Karras"), else the model's own."""
         prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         seed = random.randrange(2**32) if seed is None else seed
-        return run_txt2img(self, prompts, [negative_prompt] * len(prompts), [seed + i for i in range(len(prompts))],
-                           steps=steps, sampler=sampler, schedule=schedule, scale=scale, eta=eta,
-                           width=width or self.native_size, height=height or self.native_size, callback=callback)
+        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
+        if not len(prompts) == len(negatives) == len(seeds):
+            raise UserError("give as many negative prompts and seeds as prompts")
+        return run_txt2img(self, prompts, negatives, seeds, steps=steps, sampler=sampler, schedule=schedule,
+                           scale=scale, eta=eta, width=width or self.native_size, height=height or self.native_size,
+                           callback=callback)

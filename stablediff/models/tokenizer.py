@@ -17,7 +17,11 @@ def default_tables() -> Path:
 
 
 class ClipTokenizer:
-    """Prompt -> 77 ids: start token, up to 75 text tokens, end token, then padding."""
+    """Prompt -> 77 ids: start token, up to 75 text tokens, end token, then padding.
+
+    The pad token is a special token, as in transformers: with SD 2.x folders' "!" a literal "!" in a
+    prompt is read as that token, which is what diffusers feeds those models.
+    """
 
     def __init__(self, tables: Path | None = None, pad_token: str = EOS, max_len: int = 77):
         tables = Path(tables or default_tables())
@@ -29,7 +33,7 @@ class ClipTokenizer:
             [pre_tokenizers.Split(Regex(_SPLIT), behavior="removed", invert=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
         )
         tok.decoder = decoders.ByteLevel()
-        tok.add_special_tokens([BOS, EOS])
+        tok.add_special_tokens(list(dict.fromkeys([BOS, EOS, pad_token])))
         self._tok = tok
         self.bos, self.eos = vocab[BOS], vocab[EOS]
         self.pad = vocab[pad_token]

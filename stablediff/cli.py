@@ -1,0 +1,192 @@
+"""The `stablediff` command. The only module that reads argv; CompVis' flag spellings are accepted."""
+import argparse
+import os
+import random
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from stablediff.errors import UserError
+
+SAMPLER_HELP = ("ddim, plms, ddpm, lms, euler, euler_a, heun, dpm2, dpm2_a, dpmpp_2m, dpmpp_2s_a, dpmpp_sde, "
+                "dpmpp_2m_sde, unipc; or an AUTOMATIC1111 name such as \"DPM++ 2M Karras\"")
+
+
+def _add_txt2img(sub) -> None:
+    p = sub.add_parser("txt2img", help="make images from a text prompt",
+                       description="Make images from a text prompt. CompVis' scripts/txt2img.py flags work too.")
+    p.add_argument("prompt_pos", nargs="?", metavar="PROMPT", help="the prompt (or --prompt)")
+    p.add_argument("--prompt", help="the prompt")
+    p.add_argument("--negative-prompt", "--negative_prompt", default="", help="what the image should not show")
+    p.add_argument("--from-file", "--from_file", help="a text file with one prompt per line")
+    p.add_argument("--model", "--ckpt", help="a model folder in the diffusers layout")
+    p.add_argument("--outdir", default="outputs/txt2img-samples", help="where samples/ and grids go")
+    p.add_argument("--steps", "--ddim_steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--sampler", default="DPM++ 2M Karras", help=f"one of {SAMPLER_HELP} (default DPM++ 2M Karras)")
+    p.add_argument("--plms", action="store_true", help="same as --sampler plms")
+    p.add_argument("--dpm", action="store_true", help="same as --sampler dpmpp_2m (Stability's SD 2 scripts)")
+    p.add_argument("--schedule", default=None,
+                   help="default (the model's own spacing), karras, exponential, trailing, leading or linspace "
+                        "(default: the one in the sampler's name, else the model's own)")
+    p.add_argument("--scale", "--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale (7.5)")
+    p.add_argument("--ddim_eta", "--eta", type=float, default=None, help="noise of DDIM and ancestral samplers")
+    p.add_argument("--H", "--height", type=int, dest="H", help="image height in pixels (default: the model's size)")
+    p.add_argument("--W", "--width", type=int, dest="W", help="image width in pixels (default: the model's size)")
+    p.add_argument("--C", type=int, default=4, help="latent channels (must be 4)")
+    p.add_argument("--f", type=int, default=None, help="downsampling factor (must match the VAE: 8 for SD)")
+    p.add_argument("--n_samples", "--batch-size", type=int, default=1, help="images per batch (1)")
+    p.add_argument("--n_iter", type=int, default=1, help="batches (1)")
+    p.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--fixed_code", action="store_true", help="every batch starts from the same noise")
+    p.add_argument("--skip_grid", action="store_true", help="do not save a grid")
+    p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
+    p.add_argument("--precision", default="autocast", choices=("autocast", "full", "fp32", "fp16", "bf16"),
+                   help="autocast: fp16 on CUDA, fp32 elsewhere")
+    p.add_argument("--bf16", action="store_true", help="same as --precision bf16")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="stablediff", allow_abbrev=False,
+                                     description="Stable Diffusion on your own machine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_txt2img(sub)
+    return parser.parse_args(argv)
+
+
+def read_prompts(args) -> list[str]:
+    if args.from_file:
+        try:
+            text = Path(args.from_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read prompts from {args.from_file}: {e}") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"{args.from_file} has no prompts (one prompt per line)")
+        return prompts
+    if args.prompt is not None and args.prompt_pos is not None:
+        raise UserError("give the prompt once: either positionally or with --prompt")
+    prompt = args.prompt if args.prompt is not None else args.prompt_pos
+    if prompt is None:
+        raise UserError('no prompt: stablediff txt2img "a photograph of an astronaut riding a horse"')
+    return [prompt]
+
+
+def next_number(folder: Path, pattern: str) -> int:
+    """One past the highest number among files named like `pattern` (a regex with one group)."""
+    numbers = [int(m.group(1)) for f in folder.iterdir() if (m := re.fullmatch(pattern, f.name))] if folder.is_dir() else []
+    return max(numbers, default=-1) + 1
+
+
+def save_png(image, path: Path, parameters: str | None) -> None:
+    """Write atomically: a temporary file in the same folder, renamed into place once complete."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def make_grid(images, per_row: int, pad: int = 2):
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = (len(images) + per_row - 1) // per_row
+    grid = Image.new("RGB", (per_row * (w + pad) + pad, rows * (h + pad) + pad))
+    for i, image in enumerate(images):
+        grid.paste(image, (pad + (i % per_row) * (w + pad), pad + (i // per_row) * (h + pad)))
+    return grid
+
+
+def _check_numbers(args) -> None:
+    for name in ("steps", "n_samples", "n_iter"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    for name in ("H", "W"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 8):
+            raise UserError(f"--{name} {value}: width and height must be positive multiples of 8")
+    if args.C != 4:
+        raise UserError(f"--C {args.C}: Stable Diffusion latents have 4 channels")
+    if args.model is None:
+        raise UserError("no model given: pass --model PATH, a diffusers-layout folder "
+                        "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+
+
+def batches(prompts: list[str], args, seed: int):
+    """(prompts, seeds) per batch, in file order, n_iter times; image j overall uses seed + j."""
+    chunks = [prompts[i:i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]
+    if len(prompts) == 1:
+        chunks = [prompts * args.n_samples]
+    j = 0
+    for _ in range(args.n_iter):
+        for chunk in chunks:
+            yield chunk, [seed + (i if args.fixed_code else j + i) for i in range(len(chunk))]
+            j += len(chunk)
+
+
+def txt2img(args) -> None:
+    from tqdm import tqdm
+
+    from stablediff.api import StableDiffusion
+    from stablediff.pipelines.common import parse_sampler
+
+    _check_numbers(args)
+    prompts = read_prompts(args)
+    sampler, schedule = parse_sampler("plms" if args.plms else "dpmpp_2m" if args.dpm else args.sampler, args.schedule)
+    model = StableDiffusion.load(args.model, device=args.device, dtype="bf16" if args.bf16 else args.precision)
+    if args.f is not None and args.f != model.vae_scale:
+        raise UserError(f"--f {args.f}: this model's VAE downsamples by {model.vae_scale}")
+    seed = random.randrange(2**32) if args.seed is None else args.seed
+    print(f"seed: {seed}", file=sys.stderr)
+    outdir = Path(args.outdir)
+    samples_dir = outdir / "samples"
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    number = next_number(samples_dir, r"(\d{5})\.png")
+    width, height = args.W or model.native_size, args.H or model.native_size
+    made = []
+    for batch_prompts, seeds in batches(prompts, args, seed):
+        with tqdm(total=args.steps, unit="step", desc="sampling", leave=False) as bar:
+            images = model.txt2img(batch_prompts, args.negative_prompt, seed=seeds, steps=args.steps, sampler=sampler,
+                                   schedule=schedule, scale=args.scale, eta=args.ddim_eta, width=width, height=height,
+                                   callback=lambda *_: bar.update(1))
+        for image in images:
+            if not args.skip_save:
+                save_png(image, samples_dir / f"{number:05d}.png", image.info.get("parameters"))
+                number += 1
+        made += images
+    if not args.skip_grid:
+        grid_path = outdir / "grid-{:04d}.png".format(next_number(outdir, r"grid-(\d{4})\.png"))
+        save_png(make_grid(made, args.n_rows or args.n_samples), grid_path, made[0].info.get("parameters"))
+    print(f"wrote {0 if args.skip_save else len(made)} image(s) to {samples_dir}" +
+          ("" if args.skip_grid else f" and a grid to {grid_path}"), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        {"txt2img": txt2img}[args.command](args)
+    except UserError as e:
+        print(f"stablediff: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stablediff: interrupted; finished images were kept, nothing half-written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("stablediff: error: out of memory; try a smaller --H/--W or --n_samples", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
