@@ -3,7 +3,8 @@
 Every sampler is `fn(model, x, sigmas, cond, noise=None, callback=None, **options)` where `model(x, sigma,
 cond)` returns the denoised estimate, `x` starts at the first sigma's noise level, `noise()` draws a fresh
 standard normal tensor shaped like x (from the images' own generators), and `callback(i, x, denoised)` is
-called once per step. Sigmas are in the variance-exploding parametrisation x = x0 + sigma * eps.
+called once per step. Sigmas are in the variance-exploding parametrisation x = x0 + sigma * eps, and live on the CPU: their
+0-dim entries act as scalars on any device.
 """
 import math
 from dataclasses import dataclass
@@ -242,13 +243,15 @@ def sample_dpmpp_sde(model, x, sigmas, cond, noise=None, callback=None, eta: flo
         sigma_s = sigma * torch.exp(-r * h)
         down, up = ancestral_step(sigma, sigma_s, eta)
         x_2 = (down / sigma) * x - torch.expm1(-(_lam(down) - _lam(sigma)).float()) * denoised
-        x_2 = x_2 + noise() * up
+        if up > 0:
+            x_2 = x_2 + noise() * up
         denoised_2 = model(x_2, sigma_s, cond)
         down, up = ancestral_step(sigma, sigma_next, eta)
         fac = 1 / (2 * r)
         denoised_d = (1 - fac) * denoised + fac * denoised_2
         x = (down / sigma) * x - torch.expm1(-(_lam(down) - _lam(sigma)).float()) * denoised_d
-        x = x + noise() * up
+        if up > 0:
+            x = x + noise() * up
     return x
 
 

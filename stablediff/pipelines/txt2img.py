@@ -26,7 +26,8 @@ def txt2img(model, prompts: list[str], negative_prompts: list[str], seeds: list[
                         "upscaler model); txt2img needs an ordinary 4-channel model")
     key, schedule = common.parse_sampler(sampler, schedule)
     spec = SAMPLERS[key]
-    sigmas = common.sampler_sigmas(model.denoiser(), model.schedule, spec, steps, schedule).to(model.device)
+    # sigmas stay on the CPU: samplers do their scalar math there (in float64, which MPS lacks)
+    sigmas = common.sampler_sigmas(model.denoiser(), model.schedule, spec, steps, schedule)
     cond = {"context": common.encode_text(model, prompts), "uncond": common.encode_text(model, negative_prompts)}
     f = model.vae_scale
     noise = common.noise_source(common.generators(seeds), (4, height // f, width // f), model.device)

@@ -1,0 +1,112 @@
+"""`stablediff txt2img` as a user runs it: files, numbering, parameters, CompVis flags, errors, Ctrl-C."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stablediff import cli
+
+BASE = ["--H", "64", "--W", "64", "--steps", "4"]
+
+
+def run(tmp_path, model, *args):
+    return cli.main(["txt2img", "--model", str(model), "--outdir", str(tmp_path), *BASE, *args])
+
+
+def params(path) -> str:
+    return Image.open(path).info["parameters"]
+
+
+def test_files_numbering_grid_and_parameters(tmp_path, tiny_model_dir):
+    assert run(tmp_path, tiny_model_dir, "a red cube", "--seed", "7", "--n_samples", "2") == 0
+    assert run(tmp_path, tiny_model_dir, "--prompt", "a red cube", "--seed", "9", "--negative-prompt", "blue") == 0
+    samples = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert samples == ["00000.png", "00001.png", "00002.png"]
+    assert sorted(p.name for p in tmp_path.glob("grid-*.png")) == ["grid-0000.png", "grid-0001.png"]
+    assert Image.open(tmp_path / "grid-0000.png").size == (2 + 2 * 66, 2 + 66)  # 2 images in a row, 2px padding
+    assert params(tmp_path / "samples" / "00001.png").splitlines() == [
+        "a red cube",
+        "Steps: 4, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 8, Size: 64x64, Model: tiny-sd1"]
+    assert params(tmp_path / "samples" / "00002.png").splitlines()[1] == "Negative prompt: blue"
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_from_file_keeps_order_and_seeds(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\na bird\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert run(out, tiny_model_dir, "--from-file", str(prompts), "--n_samples", "2", "--seed", "100",
+               "--skip_grid") == 0
+    got = [params(out / "samples" / f"{i:05d}.png").splitlines() for i in range(3)]
+    assert [g[0] for g in got] == ["a cat", "a dog", "a bird"]
+    assert [g[1].split("Seed: ")[1].split(",")[0] for g in got] == ["100", "101", "102"]
+    # image 3 (a batch of its own) equals the single image at its seed
+    single = tmp_path / "single"
+    assert run(single, tiny_model_dir, "a bird", "--seed", "102", "--skip_grid") == 0
+    a = np.asarray(Image.open(out / "samples" / "00002.png")).astype(int)
+    b = np.asarray(Image.open(single / "samples" / "00000.png")).astype(int)
+    assert np.abs(a - b).max() <= 1
+
+
+def test_compvis_flags_and_fixed_code(tmp_path, tiny_model_dir):
+    assert run(tmp_path, tiny_model_dir, "--prompt", "a tree", "--plms", "--ddim_steps", "3", "--scale", "3",
+               "--ddim_eta", "0", "--n_iter", "2", "--fixed_code", "--seed", "5", "--skip_grid", "--precision",
+               "full", "--device", "cpu", "--C", "4", "--f", "8") == 0
+    first, second = (np.asarray(Image.open(tmp_path / "samples" / f"{i:05d}.png")) for i in range(2))
+    assert np.array_equal(first, second)  # --fixed_code: every batch starts from the same noise
+    assert "Steps: 3, Sampler: PLMS, Schedule type: Automatic, CFG scale: 3" in params(tmp_path / "samples" / "00000.png")
+
+
+def test_skip_save_writes_only_the_grid(tmp_path, tiny_model_dir):
+    assert run(tmp_path, tiny_model_dir, "a", "--skip_save", "--seed", "1") == 0
+    assert not list((tmp_path / "samples").iterdir()) and (tmp_path / "grid-0000.png").is_file()
+
+
+def test_random_seed_is_printed_and_saved(tmp_path, tiny_model_dir, capsys):
+    assert run(tmp_path, tiny_model_dir, "a", "--skip_grid") == 0
+    seed = capsys.readouterr().err.split("seed: ")[1].split()[0]
+    assert f"Seed: {seed}," in params(tmp_path / "samples" / "00000.png")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["x", "--H", "63"], "--H 63: width and height must be positive multiples of 8"),
+    (["x", "--sampler", "foo"], "unknown sampler 'foo'; choose from: ddim, plms"),
+    (["--n_samples", "0", "x"], "--n_samples must be at least 1"),
+    ([], "no prompt"),
+    (["x", "--schedule", "cosine"], "unknown schedule 'cosine'"),
+    (["x", "--f", "4"], "--f 4: this model's VAE downsamples by 8"),
+])
+def test_bad_input_is_one_line(tmp_path, tiny_model_dir, capsys, args, message):
+    assert run(tmp_path, tiny_model_dir, *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("stablediff: error: ") and message in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_missing_model_from_the_installed_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "stablediff.cli", "txt2img", "x", "--model", str(tmp_path / "nope")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"stablediff: error: model {tmp_path / 'nope'} not found: pass --model with a diffusers-layout folder "
+        "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"]
+
+
+def test_ctrl_c_keeps_finished_images_and_writes_nothing_half(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    from stablediff.api import StableDiffusion
+
+    real, calls = StableDiffusion.txt2img, []
+
+    def interrupted_on_second_batch(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(StableDiffusion, "txt2img", interrupted_on_second_batch)
+    assert run(tmp_path, tiny_model_dir, "a", "--n_iter", "3", "--seed", "1") == 130
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["00000.png"]
+    Image.open(tmp_path / "samples" / "00000.png").load()
+    assert "interrupted" in capsys.readouterr().err

@@ -1,0 +1,71 @@
+"""The same parity on a full-size SD 1.5-shaped random model (860M-parameter UNet), at 64x64 pixels.
+
+Opt-in: `python -m pytest --runslow tests/test_full_size.py` (about 10 GB of memory, a few minutes on 2 cores).
+"""
+import numpy as np
+import pytest
+import torch
+
+from test_txt2img_parity import KARRAS, LEADING, assert_close, reference_image
+
+pytestmark = pytest.mark.slow
+
+
+def sd15_shaped_pipeline():
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from conftest import TABLES
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                                block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=512)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                        intermediate_size=3072, max_position_embeddings=77, hidden_act="quick_gelu",
+                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    tok = CLIPTokenizer(str(TABLES / "vocab.json"), str(TABLES / "merges.txt"), model_max_length=77)
+    sched = PNDMScheduler.from_config(dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                           clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1))
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from stablediff import StableDiffusion
+
+    path = tmp_path_factory.mktemp("full") / "sd15-shaped"
+    pipe = sd15_shaped_pipeline()
+    pipe.save_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return StableDiffusion.load(path, device="cpu", dtype="fp32"), pipe
+
+
+@torch.no_grad()
+def test_components_within_1e_4(pair):
+    ours, ref = pair
+    ids = ours.tokenizer(["a photograph of an astronaut riding a horse"])
+    assert (ours.text_encoder(ids) - ref.text_encoder(ids)[0]).abs().max() < 1e-4
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 768, generator=g)
+    t = torch.tensor([981.0, 20.5])
+    assert (ours.unet(x, t, ctx) - ref.unet(x, t, ctx).sample).abs().max() < 1e-4
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    assert (ours.vae.decode(z) - ref.vae.decode(z).sample).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("sampler,schedule,scheduler,config", [
+    ("ddim", "default", "DDIMScheduler", {}), ("euler_a", "default", "EulerAncestralDiscreteScheduler", LEADING),
+    ("dpmpp_2m", "karras", "DPMSolverMultistepScheduler", KARRAS)])
+def test_image_matches_diffusers(pair, sampler, schedule, scheduler, config):
+    ours, ref = pair
+    expected = reference_image(ref, scheduler, config, {}, prompt="a photograph of an astronaut riding a horse")
+    got = ours.txt2img("a photograph of an astronaut riding a horse", steps=20, sampler=sampler, schedule=schedule,
+                       seed=3, width=64, height=64)
+    assert_close(got, expected)
+    assert np.asarray(got[0]).std() > 10

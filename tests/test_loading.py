@@ -1,0 +1,90 @@
+"""Loading a diffusers-layout folder: dtypes, clear errors, and pickles that never run code."""
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from stablediff import StableDiffusion
+from stablediff.errors import UserError
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path):
+    return shutil.copytree(tiny_model_dir, tmp_path / "model")
+
+
+def test_half_precision_loads_every_weight_in_that_dtype(tiny_model_dir):
+    model = StableDiffusion.load(tiny_model_dir, device="cpu", dtype="bf16")
+    for part in (model.unet, model.vae, model.text_encoder):
+        assert {p.dtype for p in part.parameters()} == {torch.bfloat16}
+    image = model.txt2img("a cat", steps=2, seed=0, width=64, height=64)[0]
+    assert image.size == (64, 64)
+
+
+def test_bf16_image_is_close_to_fp32(tiny_model_dir, ours):
+    """bf16 keeps the sampler state and schedule in fp32; the image stays close (mean abs diff < 3/255)."""
+    import numpy as np
+
+    half = StableDiffusion.load(tiny_model_dir, device="cpu", dtype="bf16")
+    a, b = (np.asarray(m.txt2img("a cat", steps=10, seed=0, width=64, height=64)[0]).astype(int) for m in (ours, half))
+    assert np.abs(a - b).mean() < 3
+
+
+class _Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickle_that_would_run_code_is_refused(model_copy, tmp_path):
+    target = tmp_path / "pwned"
+    weights = model_copy / "unet" / "diffusion_pytorch_model.bin"
+    (model_copy / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({"x": _Exploit(str(target))}, weights)
+    with pytest.raises(UserError, match="refused to unpickle"):
+        StableDiffusion.load(model_copy, device="cpu")
+    assert not target.exists()
+    # and the raw pickle protocol, outside torch's zip container
+    weights.write_bytes(pickle.dumps(_Exploit(str(target))))
+    with pytest.raises(UserError):
+        StableDiffusion.load(model_copy, device="cpu")
+    assert not target.exists()
+
+
+def test_wrong_shapes_and_missing_weights_are_named(model_copy):
+    from safetensors.torch import load_file, save_file
+
+    path = model_copy / "vae" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(path)
+    sd["decoder.conv_in.weight"] = torch.zeros(3, 3, 3, 3)
+    save_file(sd, path)
+    with pytest.raises(UserError, match=r"decoder.conv_in.weight has shape \(3, 3, 3, 3\), expected"):
+        StableDiffusion.load(model_copy, device="cpu")
+    del sd["decoder.conv_in.weight"]
+    save_file(sd, path)
+    with pytest.raises(UserError, match="vae: the weights do not fit this model: missing 1 weights"):
+        StableDiffusion.load(model_copy, device="cpu")
+
+
+def test_missing_part_and_foreign_families(model_copy):
+    shutil.rmtree(model_copy / "scheduler")
+    with pytest.raises(UserError, match="no scheduler/scheduler_config.json"):
+        StableDiffusion.load(model_copy, device="cpu")
+    config_path = model_copy / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["addition_embed_type"] = "text_time"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match="SDXL"):
+        StableDiffusion.load(model_copy, device="cpu")
+
+
+def test_not_a_model_folder(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"not really")
+    with pytest.raises(UserError, match="not a diffusers model folder"):
+        StableDiffusion.load(tmp_path, device="cpu")
+    assert os.path.exists(tmp_path)
