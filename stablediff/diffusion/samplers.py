@@ -33,16 +33,6 @@ def _report(callback, i, x, denoised):
 
 
 @torch.no_grad()
-def sample_euler(model, x, sigmas, cond, noise=None, callback=None):
-    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i], cond)
-        _report(callback, i, x, denoised)
-        x = x + _d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
-    return x
-
-
-@torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, cond, noise=None, callback=None, eta: float = 1.0):
     """Ancestral sampling with Euler steps; with eta it is DDIM's stochastic family (Song et al. 2020, eq. 12)."""
     for i in range(len(sigmas) - 1):
@@ -53,6 +43,12 @@ def sample_euler_ancestral(model, x, sigmas, cond, noise=None, callback=None, et
         if up > 0:
             x = x + noise() * up
     return x
+
+
+def sample_euler(model, x, sigmas, cond, noise=None, callback=None):
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn):
+    the ancestral sampler without noise."""
+    return sample_euler_ancestral(model, x, sigmas, cond, noise, callback, eta=0.0)
 
 
 def sample_ddim(model, x, sigmas, cond, noise=None, callback=None, eta: float = 0.0):
@@ -85,22 +81,9 @@ def _dpm2_step(model, x, sigma, target, d, cond):
 
 
 @torch.no_grad()
-def sample_dpm_2(model, x, sigmas, cond, noise=None, callback=None):
-    """DPM-Solver-2 (Lu et al. 2022, Algorithm 1) in the form of Karras et al.'s Algorithm 2."""
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i], cond)
-        _report(callback, i, x, denoised)
-        d = _d(x, sigmas[i], denoised)
-        if sigmas[i + 1] == 0:
-            x = x + d * (sigmas[i + 1] - sigmas[i])
-        else:
-            x = _dpm2_step(model, x, sigmas[i], sigmas[i + 1], d, cond)
-    return x
-
-
-@torch.no_grad()
 def sample_dpm_2_ancestral(model, x, sigmas, cond, noise=None, callback=None, eta: float = 1.0):
-    """DPM-Solver-2 to the ancestral step's sigma_down, then fresh noise of std sigma_up."""
+    """DPM-Solver-2 to the ancestral step's sigma_down, then fresh noise of std sigma_up; Euler on the
+    last step to 0."""
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i], cond)
         _report(callback, i, x, denoised)
@@ -113,6 +96,12 @@ def sample_dpm_2_ancestral(model, x, sigmas, cond, noise=None, callback=None, et
         if up > 0:
             x = x + noise() * up
     return x
+
+
+def sample_dpm_2(model, x, sigmas, cond, noise=None, callback=None):
+    """DPM-Solver-2 (Lu et al. 2022, Algorithm 1) in the form of Karras et al.'s Algorithm 2: the
+    ancestral variant without noise."""
+    return sample_dpm_2_ancestral(model, x, sigmas, cond, noise, callback, eta=0.0)
 
 
 def lms_coefficient(sigmas: np.ndarray, order: int, i: int, j: int) -> float:
@@ -258,7 +247,8 @@ def sample_dpmpp_sde(model, x, sigmas, cond, noise=None, callback=None, eta: flo
 def _unipc_terms(lams, j, target_lam, history, order):
     """UniPC's bh2 data-prediction pieces for a step from lams[j] to target_lam using `order` points.
 
-    history[-1] is the denoised at lams[j], history[-1-k] at lams[j-k]. Returns (h_phi_1, B_h, R, b, D1s).
+    history[-1] is the denoised at lams[j], history[-1-k] at lams[j-k]. Returns (h phi_1(h), which is also
+    B(h) for bh2; the order conditions R and b; the scaled differences D1).
     """
     h = target_lam - lams[j]
     hh = -h

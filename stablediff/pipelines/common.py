@@ -1,4 +1,6 @@
 """The steps every pipeline shares, written once: text encoding, sigmas, noise, sampling, decoding."""
+from typing import Callable
+
 import torch
 from PIL import Image
 
@@ -54,7 +56,7 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
 
-def noise_source(gens: list[torch.Generator], shape: tuple[int, ...], device) -> callable:
+def noise_source(gens: list[torch.Generator], shape: tuple[int, ...], device) -> Callable[[], torch.Tensor]:
     """Draws (B, *shape) standard normal noise, image i from its own CPU generator, so image i of a batch
     equals the single image at seed + i and CPU and GPU start from the same numbers."""
     def draw() -> torch.Tensor:
