@@ -1,6 +1,6 @@
 """The Python API: `StableDiffusion.load(path)` then `.txt2img(...)`."""
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -8,14 +8,17 @@ import torch
 from PIL import Image
 
 from stablediff.checkpoints import diffusers_folder as folder_fmt
+from stablediff.checkpoints import original
+from stablediff.checkpoints.hashing import cached_hash
 from stablediff.checkpoints.io import read_state_dict
-from stablediff.checkpoints.keymaps import clip_prefixes, load_into, unet_prefixes, vae_prefixes
+from stablediff.checkpoints.keymaps import load_into, vae_prefixes
+from stablediff.checkpoints.spec import ModelSpec
 from stablediff.devices import resolve_device, resolve_dtype
 from stablediff.diffusion.denoiser import Denoiser
 from stablediff.diffusion.schedules import TrainSchedule
 from stablediff.errors import UserError
 from stablediff.models.clip_text import ClipTextModel
-from stablediff.models.tokenizer import EOS, ClipTokenizer
+from stablediff.models.tokenizer import ClipTokenizer
 from stablediff.models.unet import UNet
 from stablediff.models.vae import AutoencoderKL
 from stablediff.pipelines.txt2img import txt2img as run_txt2img
@@ -26,6 +29,45 @@ def _build(cls, cfg, sd, prefixes, what, dtype, device):
         module = cls(cfg)
     load_into(module, sd, prefixes, what, dtype, device)
     return module.eval().requires_grad_(False)
+
+
+def read_spec(path: Path, config=None, use_ema: bool = True, prediction: str | None = None,
+              unsafe_pickle: bool = False) -> ModelSpec:
+    """Configs and weights from a diffusers folder or a single checkpoint file."""
+    if not path.exists():
+        raise UserError(f"model {path} not found: pass --model with a .safetensors/.ckpt checkpoint or a "
+                        "diffusers-layout folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"{path} is a folder but not a diffusers model (no model_index.json)")
+        spec = folder_fmt.read(path, unsafe_pickle)
+        if prediction:
+            spec.schedule = replace(spec.schedule, prediction=prediction)
+        return spec
+    return original.read(path, config, use_ema, prediction, unsafe_pickle)
+
+
+def vae_weights(path: Path, unsafe_pickle: bool = False) -> tuple[dict, list]:
+    """A separate VAE file in either layout: CompVis (optionally under first_stage_model.) or diffusers."""
+    sd = read_state_dict(path, unsafe_pickle)
+    if any(k.startswith("first_stage_model.") for k in sd):
+        sd = {k.removeprefix("first_stage_model."): v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    sd = {k: v for k, v in sd.items() if not k.startswith(("loss.", "model_ema."))}
+    if any(".down_blocks." in k or ".mid_block." in k for k in sd):
+        return sd, None  # diffusers names: mapped with the model's VAE config
+    if not any(k.startswith("encoder.down.") for k in sd):
+        raise UserError(f"{path}: not a VAE (no encoder/decoder weights in either the CompVis or the diffusers layout)")
+    return sd, []
+
+
+def probe_v_prediction(unet: UNet) -> bool:
+    """AUTOMATIC1111's test for SD 2.x weights: at t=999 a v model's output sits well below its input."""
+    p = next(unet.parameters())
+    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, device=p.device, dtype=p.dtype)
+    context = torch.full((1, 2, unet.config.context_dim), 0.5, device=p.device, dtype=p.dtype)
+    with torch.no_grad():
+        out = unet(x, torch.tensor([999.0], device=p.device), context)
+    return (out.float() - x.float()).mean().item() < -1
 
 
 @dataclass
@@ -39,35 +81,36 @@ class StableDiffusion:
     device: torch.device
     dtype: torch.dtype
     native_size: int = 512  # pixels per side the model was trained at
+    family: str = "sd1"
+    variant: str = "base"
+    model_hash: str | None = None  # AUTOMATIC1111's short hash, when `stablediff info --hash` has cached it
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = None) -> "StableDiffusion":
-        """Load a diffusers-layout model folder onto `device` in `dtype` (fp32, fp16, bf16 or a torch dtype)."""
+    def load(cls, path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = None, *,
+             config: str | Path | None = None, vae: str | Path | None = None, use_ema: bool = True,
+             prediction: str | None = None, unsafe_pickle: bool = False) -> "StableDiffusion":
+        """Load a .safetensors/.ckpt checkpoint or a diffusers folder onto `device` in `dtype` (fp32, fp16, bf16).
+
+        config: an original YAML (or preset name); vae: a separate VAE file; use_ema: prefer EMA weights;
+        prediction: "epsilon" or "v" where the weights do not say; unsafe_pickle: the full unpickler.
+        """
         path = Path(path)
-        if not path.exists():
-            raise UserError(f"model {path} not found: pass --model with a diffusers-layout folder "
-                            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
-        if not (path / "model_index.json").is_file():
-            raise UserError(f"{path} is not a diffusers model folder (no model_index.json); single checkpoint files "
-                            "(.safetensors/.ckpt) are not supported yet")
         dev = resolve_device(device) if isinstance(device, str) else device
         dt = resolve_dtype(dtype, dev)
-        unet_json = folder_fmt.read_config(path, "unet")
-        unet_cfg = folder_fmt.unet_config(unet_json)
-        vae_cfg = folder_fmt.vae_config(folder_fmt.read_config(path, "vae"))
-        clip_cfg = folder_fmt.clip_config(folder_fmt.read_config(path, "text_encoder"))
-        sched = folder_fmt.train_schedule(folder_fmt.read_config(path, "scheduler", "scheduler_config.json"))
-        tables = path / "tokenizer" if (path / "tokenizer" / "vocab.json").is_file() else None
-        tokenizer = ClipTokenizer(tables, pad_token=folder_fmt.pad_token(path) or EOS, max_len=clip_cfg.max_len)
-
-        def part(cls_, cfg, name, prefixes):
-            return _build(cls_, cfg, read_state_dict(folder_fmt.weights_file(path, name)), prefixes, name, dt, dev)
-
-        return cls(tokenizer=tokenizer, text_encoder=part(ClipTextModel, clip_cfg, "text_encoder", clip_prefixes()),
-                   unet=part(UNet, unet_cfg, "unet", unet_prefixes(unet_cfg)),
-                   vae=part(AutoencoderKL, vae_cfg, "vae", vae_prefixes(vae_cfg)),
-                   schedule=sched, name=path.name, device=dev, dtype=dt,
-                   native_size=unet_json.get("sample_size", 64) * 2 ** (len(vae_cfg.ch_mult) - 1))
+        spec = read_spec(path, config, use_ema, prediction, unsafe_pickle)
+        if vae is not None:
+            sd, prefixes = vae_weights(Path(vae), unsafe_pickle)
+            spec.weights["vae"] = (sd, vae_prefixes(spec.vae) if prefixes is None else prefixes)
+        built = {part: _build(cls_, cfg, *spec.weights[part], part, dt, dev)
+                 for part, cls_, cfg in (("text_encoder", ClipTextModel, spec.clip), ("unet", UNet, spec.unet),
+                                         ("vae", AutoencoderKL, spec.vae))}
+        schedule = spec.schedule
+        if not spec.prediction_known:
+            schedule = replace(schedule, prediction="v" if probe_v_prediction(built["unet"]) else "epsilon")
+        native = 768 if (spec.family, schedule.prediction, spec.prediction_known) == ("sd2", "v", False) else spec.native_size
+        return cls(tokenizer=ClipTokenizer(spec.tokenizer_tables, pad_token=spec.pad_token, max_len=spec.clip.max_len),
+                   schedule=schedule, name=spec.name, device=dev, dtype=dt, native_size=native, family=spec.family,
+                   variant=spec.variant, model_hash=cached_hash(path) if path.is_file() else None, **built)
 
     def __post_init__(self):
         self._denoiser = Denoiser(self.unet, self.schedule)

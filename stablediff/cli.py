@@ -13,6 +13,41 @@ SAMPLER_HELP = ("ddim, plms, ddpm, lms, euler, euler_a, heun, dpm2, dpm2_a, dpmp
                 "dpmpp_2m_sde, unipc; or an AUTOMATIC1111 name such as \"DPM++ 2M Karras\"")
 
 
+def _add_model_flags(p, model_help: str = "a .safetensors/.ckpt checkpoint or a diffusers-layout folder") -> None:
+    p.add_argument("--config", help="an original YAML config (e.g. v1-inference.yaml) or a preset name: v1-inference, "
+                                    "v1-inpainting-inference, v2-inference, v2-inference-v, v2-midas-inference, x4-upscaling")
+    p.add_argument("--vae", help="a separate VAE file (CompVis or diffusers layout)")
+    p.add_argument("--no-ema", "--no_ema", dest="no_ema", action="store_true", help="use the raw weights, not the EMA ones")
+    p.add_argument("--prediction", choices=("epsilon", "v"), help="for SD 2.x files whose weights do not say")
+    p.add_argument("--unsafe-pickle", action="store_true",
+                   help="read pickles with the full unpickler: code inside the file can run; only for files you trust")
+
+
+def _load_kwargs(args) -> dict:
+    return {"config": args.config, "vae": args.vae, "use_ema": not args.no_ema, "prediction": args.prediction,
+            "unsafe_pickle": args.unsafe_pickle}
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert between single files and diffusers folders",
+                       description="Convert a model: single file <-> diffusers folder, pickle -> safetensors.")
+    p.add_argument("input", help="a .safetensors/.ckpt checkpoint or a diffusers folder")
+    p.add_argument("output", help="the file or folder to write (must not exist)")
+    p.add_argument("--format", choices=("diffusers", "safetensors", "ckpt"),
+                   help="default: from the output's suffix (.safetensors, .ckpt), else a diffusers folder")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="cast the weights (default: keep them)")
+    _add_model_flags(p)
+    p.set_defaults(vae=None)
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="what a model is: family, prediction, channels, EMA, parameters",
+                       description="Say what a model file or folder is, without loading it onto a device.")
+    p.add_argument("model", help="a .safetensors/.ckpt checkpoint or a diffusers folder")
+    p.add_argument("--hash", action="store_true", help="compute AUTOMATIC1111's model hash (reads the whole file; cached)")
+    _add_model_flags(p)
+
+
 def _add_txt2img(sub) -> None:
     p = sub.add_parser("txt2img", help="make images from a text prompt",
                        description="Make images from a text prompt. CompVis' scripts/txt2img.py flags work too.")
@@ -20,7 +55,7 @@ def _add_txt2img(sub) -> None:
     p.add_argument("--prompt", help="the prompt")
     p.add_argument("--negative-prompt", "--negative_prompt", default="", help="what the image should not show")
     p.add_argument("--from-file", "--from_file", help="a text file with one prompt per line")
-    p.add_argument("--model", "--ckpt", help="a model folder in the diffusers layout")
+    p.add_argument("--model", "--ckpt", help="a .safetensors/.ckpt checkpoint or a diffusers-layout folder")
     p.add_argument("--outdir", default="outputs/txt2img-samples", help="where samples/ and grids go")
     p.add_argument("--steps", "--ddim_steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--sampler", default="DPM++ 2M Karras", help=f"one of {SAMPLER_HELP} (default DPM++ 2M Karras)")
@@ -46,6 +81,7 @@ def _add_txt2img(sub) -> None:
                    help="autocast: fp16 on CUDA, fp32 elsewhere")
     p.add_argument("--bf16", action="store_true", help="same as --precision bf16")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    _add_model_flags(p)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,6 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      description="Stable Diffusion on your own machine.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_txt2img(sub)
+    _add_convert(sub)
+    _add_info(sub)
     return parser.parse_args(argv)
 
 
@@ -119,8 +157,8 @@ def _check_numbers(args) -> None:
     if args.C != 4:
         raise UserError(f"--C {args.C}: Stable Diffusion latents have 4 channels")
     if args.model is None:
-        raise UserError("no model given: pass --model PATH, a diffusers-layout folder "
-                        "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        raise UserError("no model given: pass --model PATH, a .safetensors/.ckpt Stable Diffusion 1.x/2.x checkpoint "
+                        "or a diffusers-layout folder")
 
 
 def batches(prompts: list[str], args, seed: int):
@@ -144,7 +182,8 @@ def txt2img(args) -> None:
     _check_numbers(args)
     prompts = read_prompts(args)
     sampler, schedule = parse_sampler("plms" if args.plms else "dpmpp_2m" if args.dpm else args.sampler, args.schedule)
-    model = StableDiffusion.load(args.model, device=args.device, dtype="bf16" if args.bf16 else args.precision)
+    model = StableDiffusion.load(args.model, device=args.device, dtype="bf16" if args.bf16 else args.precision,
+                                 **_load_kwargs(args))
     if args.f is not None and args.f != model.vae_scale:
         raise UserError(f"--f {args.f}: this model's VAE downsamples by {model.vae_scale}")
     seed = random.randrange(2**32) if args.seed is None else args.seed
@@ -172,10 +211,37 @@ def txt2img(args) -> None:
           ("" if args.skip_grid else f" and a grid to {grid_path}"), file=sys.stderr)
 
 
+def convert(args) -> None:
+    from stablediff.api import read_spec
+    from stablediff.checkpoints.convert import convert as write
+
+    kwargs = _load_kwargs(args)
+    kwargs.pop("vae")
+    spec = read_spec(Path(args.input), **kwargs)
+    fmt = write(spec, Path(args.output), args.format, args.dtype)
+    print(f"wrote {args.output} ({fmt})", file=sys.stderr)
+
+
+def info(args) -> None:
+    import json
+
+    from stablediff.api import read_spec
+    from stablediff.checkpoints.convert import describe
+    from stablediff.checkpoints.hashing import cached_hash, compute_hash
+
+    path = Path(args.model)
+    kwargs = _load_kwargs(args)
+    kwargs.pop("vae")
+    facts = describe(read_spec(path, **kwargs))
+    if path.is_file():
+        facts["model hash"] = compute_hash(path) if args.hash else cached_hash(path) or "not computed (--hash)"
+    print(json.dumps(facts, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        {"txt2img": txt2img}[args.command](args)
+        {"txt2img": txt2img, "convert": convert, "info": info}[args.command](args)
     except UserError as e:
         print(f"stablediff: error: {e}", file=sys.stderr)
         return 2

@@ -37,12 +37,13 @@ def make_reference_pipeline(v_prediction: bool = False, sd2: bool = False):
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=128,
         attention_head_dim=(2, 4, 4) if sd2 else 8, use_linear_projection=sd2, norm_num_groups=32)
     vae = AutoencoderKL(block_out_channels=(32, 32, 64, 64), in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         layers_per_block=1, norm_num_groups=32, sample_size=64)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+    # 64-wide heads like every real SD text tower: single files do not record the head count
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=128, num_hidden_layers=3, num_attention_heads=2,
                                         intermediate_size=37, max_position_embeddings=77, bos_token_id=49406,
                                         eos_token_id=49407, pad_token_id=49407,
                                         hidden_act="gelu" if sd2 else "quick_gelu"))

@@ -90,8 +90,8 @@ def test_missing_model_from_the_installed_command(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"stablediff: error: model {tmp_path / 'nope'} not found: pass --model with a diffusers-layout folder "
-        "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"]
+        f"stablediff: error: model {tmp_path / 'nope'} not found: pass --model with a .safetensors/.ckpt checkpoint "
+        "or a diffusers-layout folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"]
 
 
 def test_ctrl_c_keeps_finished_images_and_writes_nothing_half(tmp_path, tiny_model_dir, monkeypatch, capsys):

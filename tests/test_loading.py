@@ -1,6 +1,5 @@
 """Loading a diffusers-layout folder: dtypes, clear errors, and pickles that never run code."""
 import json
-import os
 import pickle
 import shutil
 
@@ -83,8 +82,12 @@ def test_missing_part_and_foreign_families(model_copy):
         StableDiffusion.load(model_copy, device="cpu")
 
 
-def test_not_a_model_folder(tmp_path):
+def test_not_a_model(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"not really")
-    with pytest.raises(UserError, match="not a diffusers model folder"):
+    with pytest.raises(UserError, match="is a folder but not a diffusers model"):
         StableDiffusion.load(tmp_path, device="cpu")
-    assert os.path.exists(tmp_path)
+    with pytest.raises(UserError, match="not a valid .safetensors file"):
+        StableDiffusion.load(tmp_path / "model.safetensors", device="cpu")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="unknown weights format"):
+        StableDiffusion.load(tmp_path / "notes.txt", device="cpu")

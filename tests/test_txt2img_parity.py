@@ -45,7 +45,10 @@ def reference_image(pipe, scheduler: str, config: dict, call: dict, prompt="a ph
                     seeds=(3,), size=(64, 64)) -> np.ndarray:
     import diffusers
 
-    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config, **config)
+    # always from the model's own scheduler config: from_config would carry options over from the last call
+    if not hasattr(pipe, "base_scheduler_config"):
+        pipe.base_scheduler_config = dict(pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.base_scheduler_config, **config)
     if call.get("timesteps") == "ours":
         call = {**call, "timesteps": discrete_timesteps(STEPS, "leading", 1000, 1).astype(int).tolist()}
     out = pipe(prompt, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=7.5,
@@ -62,24 +65,17 @@ def assert_close(ours, expected: np.ndarray):
     assert diff <= 2, f"max pixel difference {diff}/255"
 
 
-@pytest.fixture
-def ref_pipe(reference):
-    saved = reference.scheduler
-    yield reference
-    reference.scheduler = saved
-
-
 @pytest.mark.parametrize("sampler,schedule,eta,scheduler,config,call", CASES,
                          ids=[f"{c[0]}-{c[1]}" + ("-eta" if c[2] else "") for c in CASES])
-def test_sampler_matches_diffusers(ours, ref_pipe, sampler, schedule, eta, scheduler, config, call):
-    expected = reference_image(ref_pipe, scheduler, config, call)
+def test_sampler_matches_diffusers(ours, reference, sampler, schedule, eta, scheduler, config, call):
+    expected = reference_image(reference, scheduler, config, call)
     assert_close(ours.txt2img("a photo of a cat", steps=STEPS, sampler=sampler, schedule=schedule, eta=eta, seed=3,
                               width=64, height=64), expected)
 
 
-def test_negative_prompt_batch_and_odd_size(ours, ref_pipe):
+def test_negative_prompt_batch_and_odd_size(ours, reference):
     """Image i of a batch is the image at seed + i; a negative prompt; a size that is not a multiple of 64."""
-    expected = reference_image(ref_pipe, "EulerAncestralDiscreteScheduler", LEADING, {}, prompt="a red house",
+    expected = reference_image(reference, "EulerAncestralDiscreteScheduler", LEADING, {}, prompt="a red house",
                                negative="blurry, low quality", seeds=(10, 11), size=(72, 56))
     got = ours.txt2img("a red house", "blurry, low quality", steps=STEPS, sampler="euler_a", schedule="default",
                        seed=10, batch_size=2, width=56, height=72)

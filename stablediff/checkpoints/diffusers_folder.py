@@ -2,9 +2,12 @@
 import json
 from pathlib import Path
 
+from stablediff.checkpoints.keymaps import clip_prefixes, unet_prefixes, vae_prefixes
+from stablediff.checkpoints.spec import ModelSpec
 from stablediff.diffusion.schedules import TrainSchedule
 from stablediff.errors import UserError
 from stablediff.models.clip_text import ClipTextConfig
+from stablediff.models.tokenizer import EOS
 from stablediff.models.unet import UNetConfig
 from stablediff.models.vae import VAEConfig
 
@@ -55,7 +58,8 @@ def unet_config(c: dict) -> UNetConfig:
         attention_levels=tuple(t.startswith("CrossAttn") for t in c["down_block_types"]),
         heads=_per_level(heads, levels), transformer_depth=depth, context_dim=c.get("cross_attention_dim", 768),
         use_linear_proj=bool(c.get("use_linear_projection", False)), upcast_attention=bool(c.get("upcast_attention", False)),
-        num_classes=c.get("num_class_embeds"), norm_groups=c.get("norm_num_groups", 32))
+        num_classes=c.get("num_class_embeds"), norm_groups=c.get("norm_num_groups", 32),
+        cross_only=_per_level(c.get("only_cross_attention", False), levels))
 
 
 def vae_config(c: dict) -> VAEConfig:
@@ -94,3 +98,21 @@ def pad_token(folder: Path) -> str | None:
             if pad:
                 return pad
     return None
+
+
+def read(path: Path, unsafe_pickle: bool = False) -> ModelSpec:
+    """The configs and weights of a diffusers-layout folder."""
+    from stablediff.checkpoints.io import read_state_dict
+
+    unet_json = read_config(path, "unet")
+    spec = ModelSpec(unet=unet_config(unet_json), vae=vae_config(read_config(path, "vae")),
+                     clip=clip_config(read_config(path, "text_encoder")),
+                     schedule=train_schedule(read_config(path, "scheduler", "scheduler_config.json")), name=path.name,
+                     pad_token=pad_token(path) or EOS,
+                     tokenizer_tables=path / "tokenizer" if (path / "tokenizer" / "vocab.json").is_file() else None)
+    spec.native_size = unet_json.get("sample_size", 64) * 2 ** (len(spec.vae.ch_mult) - 1)
+    spec.family = "sd2" if spec.clip.act == "gelu" else "sd1"
+    spec.variant = {4: "base", 9: "inpainting", 5: "depth", 7: "upscaler"}.get(spec.unet.in_channels, "base")
+    maps = {"text_encoder": clip_prefixes(), "unet": unet_prefixes(spec.unet), "vae": vae_prefixes(spec.vae)}
+    spec.weights = {part: (read_state_dict(weights_file(path, part), unsafe_pickle), maps[part]) for part in maps}
+    return spec

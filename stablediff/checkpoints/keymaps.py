@@ -13,8 +13,9 @@ from stablediff.models.vae import VAEConfig
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
-VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
-            "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}  # old diffusers names too
+# diffusers' old attention names first, so that the inverse (ours -> diffusers) writes the current ones
+VAE_ATTN = {"query": "q", "key": "k", "value": "v", "proj_attn": "proj_out",
+            "group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
 def unet_prefixes(cfg: UNetConfig) -> list[tuple[str, str, dict]]:
@@ -79,6 +80,11 @@ def rename(key: str, prefixes: list[tuple[str, str, dict]]) -> str | None:
     return None
 
 
+def invert(prefixes: list[tuple[str, str, dict]]) -> list[tuple[str, str, dict]]:
+    """The map back: ours -> theirs."""
+    return [(dst, src, {b: a for a, b in inner.items()}) for src, dst, inner in prefixes]
+
+
 def load_into(module: nn.Module, sd: dict[str, torch.Tensor], prefixes, what: str, dtype: torch.dtype,
               device: torch.device | str = "cpu", ignore=("position_ids",)) -> None:
     """Rename `sd` into `module`'s names and assign its tensors (each converted once to dtype and device)."""
@@ -106,3 +112,52 @@ def load_into(module: nn.Module, sd: dict[str, torch.Tensor], prefixes, what: st
                 ([f"{len(unexpected)} unexpected ({show(unexpected)})"] if unexpected else [])
         raise UserError(f"{what}: the weights do not fit this model: {'; '.join(parts)}")
     module.load_state_dict(mapped, strict=True, assign=True)
+
+
+OPENCLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+                  "attn.out_proj": "self_attn.out_proj"}
+OPENCLIP_UNUSED = ("text_projection", "logit_scale", "attn_mask", "visual.")
+
+
+def openclip_prefixes(layers: int) -> list[tuple[str, str, dict]]:
+    return [("token_embedding", "embeddings.token_embedding", {}), ("ln_final", "final_layer_norm", {})] + \
+           [(f"transformer.resblocks.{i}", f"encoder.layers.{i}", OPENCLIP_LAYER) for i in range(layers)]
+
+
+def openclip_to_hf(sd: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """OpenCLIP text-tower names -> ours (HF CLIP's): the fused attention in_proj is split into q, k, v."""
+    out = {}
+    for key, tensor in sd.items():
+        if key.startswith(OPENCLIP_UNUSED):
+            continue
+        if key == "positional_embedding":
+            out["embeddings.position_embedding.weight"] = tensor
+        elif ".attn.in_proj_" in key:
+            layer, kind = key.split(".attn.in_proj_")
+            ours = layer.replace("transformer.resblocks.", "encoder.layers.")
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+                out[f"{ours}.self_attn.{name}.{kind}"] = part
+        else:
+            out[rename(key, openclip_prefixes(layers)) or key] = tensor
+    return out
+
+
+def hf_to_openclip(sd: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """Ours (HF CLIP names) -> OpenCLIP's text tower: q, k, v fused back into in_proj."""
+    back = invert(openclip_prefixes(layers))
+    out = {}
+    for key, tensor in sd.items():
+        if key == "embeddings.position_embedding.weight":
+            out["positional_embedding"] = tensor
+        elif ".self_attn.q_proj." in key:
+            layer, kind = key.split(".self_attn.q_proj.")
+            parts = [sd[f"{layer}.self_attn.{n}.{kind}"] for n in ("q_proj", "k_proj", "v_proj")]
+            out[f"{layer.replace('encoder.layers.', 'transformer.resblocks.')}.attn.in_proj_{kind}"] = torch.cat(parts)
+        elif ".self_attn.k_proj." not in key and ".self_attn.v_proj." not in key:
+            out[rename(key, back) or key] = tensor
+    return out
+
+
+def ema_key(unet_key: str) -> str:
+    """CompVis' LitEma names its shadow of `model.diffusion_model.X` as `model_ema.diffusion_modelX` without dots."""
+    return "model_ema." + ("diffusion_model." + unet_key).replace(".", "")

@@ -24,6 +24,12 @@ class UNetConfig:
     upcast_attention: bool = False
     num_classes: int | None = None  # x4 upscaler: noise level as a class embedding
     norm_groups: int = 32
+    cross_only: tuple[bool, ...] = ()  # per level: attn1 attends to the context too (the upscaler's first levels)
+
+    def __post_init__(self):
+        # one form for equal configs: only levels that have attention can be cross-only; () when none is
+        cross = tuple(bool(c) and a for c, a in zip(self.cross_only, self.attention_levels))
+        object.__setattr__(self, "cross_only", cross if any(cross) else ())
 
 
 SD1_UNET = UNetConfig()
@@ -65,29 +71,30 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool):
+    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool, cross_only: bool = False):
         super().__init__()
         head_dim = dim // heads
-        self.attn1 = CrossAttention(dim, None, heads, head_dim, upcast)
+        self.cross_only = cross_only
+        self.attn1 = CrossAttention(dim, context_dim if cross_only else None, heads, head_dim, upcast)
         self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, upcast)
         self.ff = FeedForward(dim)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn1(self.norm1(x), context if self.cross_only else None)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, channels: int, heads: int, depth: int, cfg: UNetConfig):
+    def __init__(self, channels: int, heads: int, depth: int, cfg: UNetConfig, cross_only: bool = False):
         super().__init__()
         self.linear = cfg.use_linear_proj
         self.norm = group_norm(channels, eps=1e-6, groups=cfg.norm_groups)
         proj = (lambda: nn.Linear(channels, channels)) if self.linear else (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(channels, heads, cfg.context_dim, cfg.upcast_attention) for _ in range(depth)
+            BasicTransformerBlock(channels, heads, cfg.context_dim, cfg.upcast_attention, cross_only) for _ in range(depth)
         )
         self.proj_out = proj()
 
@@ -135,7 +142,10 @@ class UNet(nn.Module):
             self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
 
         def attn(ch, level):
-            return [SpatialTransformer(ch, cfg.heads[level], cfg.transformer_depth, cfg)] if cfg.attention_levels[level] else []
+            if not cfg.attention_levels[level]:
+                return []
+            cross = bool(cfg.cross_only) and cfg.cross_only[level]
+            return [SpatialTransformer(ch, cfg.heads[level], cfg.transformer_depth, cfg, cross)]
 
         self.input_blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skips, ch = [mc], mc

@@ -17,6 +17,7 @@ class Params:
     width: int
     height: int
     model: str
+    model_hash: str | None = None
     extra: dict = field(default_factory=dict)
 
     def infotext(self) -> str:
@@ -25,6 +26,6 @@ class Params:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         fields = {"Steps": self.steps, "Sampler": self.sampler, "Schedule type": SCHEDULE_LABELS.get(self.schedule, self.schedule),
                   "CFG scale": f"{self.scale:g}", "Seed": self.seed, "Size": f"{self.width}x{self.height}",
-                  "Model": self.model, **self.extra}
+                  **({"Model hash": self.model_hash} if self.model_hash else {}), "Model": self.model, **self.extra}
         lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
         return "\n".join(lines)

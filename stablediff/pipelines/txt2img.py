@@ -36,6 +36,7 @@ def txt2img(model, prompts: list[str], negative_prompts: list[str], seeds: list[
     images = common.decode(model, latents)
     extra = {} if eta is None or spec.eta is None or eta == spec.eta else {"Eta": f"{eta:g}"}
     for image, prompt, negative, seed in zip(images, prompts, negative_prompts, seeds):
-        params = Params(prompt, negative, steps, spec.label, schedule, scale, seed, width, height, model.name, extra)
+        params = Params(prompt, negative, steps, spec.label, schedule, scale, seed, width, height, model.name,
+                        model.model_hash, extra)
         image.info["parameters"] = params.infotext()
     return images

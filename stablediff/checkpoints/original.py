@@ -1,0 +1,113 @@
+"""Single-file checkpoints in the original CompVis/Stability layout (.safetensors, .ckpt, .pt).
+
+Architecture comes from the tensors (detect.py) or from an original YAML config (`--config`, a `.yaml`
+beside the file, or a shipped preset by name). The UNet and VAE keys are ours already; the SD 1.x text
+encoder uses HF CLIP names and SD 2.x's OpenCLIP names are mapped (keymaps.openclip_to_hf).
+"""
+from dataclasses import replace
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from stablediff.checkpoints import detect as rules
+from stablediff.checkpoints.io import read_state_dict
+from stablediff.checkpoints.keymaps import clip_prefixes, ema_key, openclip_to_hf
+from stablediff.checkpoints.spec import ModelSpec
+from stablediff.diffusion.schedules import TrainSchedule
+from stablediff.errors import UserError
+from stablediff.models.unet import UNetConfig
+from stablediff.models.vae import VAEConfig
+
+PRESETS = ("v1-inference", "v1-inpainting-inference", "v2-inference", "v2-inference-v", "v2-midas-inference",
+           "x4-upscaling")
+NATIVE = {("sd1", "epsilon"): 512, ("sd2", "epsilon"): 512, ("sd2", "v"): 768}
+
+
+def preset_path(name: str) -> Path:
+    return Path(str(resources.files("stablediff") / "data" / "configs" / f"{name}.yaml"))
+
+
+def read_yaml(config: str | Path) -> dict:
+    """An original config file, or a shipped preset by name (e.g. v1-inference)."""
+    path = Path(config)
+    if not path.is_file():
+        name = path.name.removesuffix(".yaml")
+        if name not in PRESETS:
+            raise UserError(f"config {config} not found (a .yaml file, or one of the presets: {', '.join(PRESETS)})")
+        path = preset_path(name)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return data["model"]["params"]
+    except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not an original Stable Diffusion config (model.params missing or bad YAML: {e})") from None
+
+
+def unet_from_yaml(p: dict) -> UNetConfig:
+    mult = tuple(p.get("channel_mult", (1, 2, 4, 4)))
+    mc = p.get("model_channels", 320)
+    ds = [2**i for i in range(len(mult))]
+    heads = tuple(p["num_heads"] if p.get("num_heads", -1) != -1 else mc * m // p["num_head_channels"] for m in mult)
+    context = p.get("context_dim", 768)
+    disable = p.get("disable_self_attentions") or ()
+    return UNetConfig(in_channels=p.get("in_channels", 4), out_channels=p.get("out_channels", 4), model_channels=mc,
+                      channel_mult=mult, num_res_blocks=p.get("num_res_blocks", 2),
+                      attention_levels=tuple(d in p.get("attention_resolutions", ()) for d in ds), heads=heads,
+                      transformer_depth=p.get("transformer_depth", 1),
+                      context_dim=context[0] if isinstance(context, list) else context,
+                      use_linear_proj=bool(p.get("use_linear_in_transformer", False)), num_classes=p.get("num_classes"),
+                      cross_only=tuple(bool(d) for d in disable))
+
+
+def apply_yaml(found: rules.Detected, params: dict) -> tuple[rules.Detected, TrainSchedule, str]:
+    """The YAML decides architecture, schedule and prediction; returns (detected, schedule, prediction)."""
+    dd = params["first_stage_config"]["params"]["ddconfig"]
+    vae = VAEConfig(ch=dd.get("ch", 128), ch_mult=tuple(dd.get("ch_mult", (1, 2, 4, 4))),
+                    num_res_blocks=dd.get("num_res_blocks", 2), in_channels=dd.get("in_channels", 3),
+                    z_channels=dd.get("z_channels", 4), scaling_factor=params.get("scale_factor", 0.18215))
+    cond = params.get("cond_stage_config", {})
+    skip = {"last": 0, "penultimate": 1}.get((cond.get("params") or {}).get("layer", "last"), 0)
+    found = replace(found, unet=unet_from_yaml(params["unet_config"]["params"]), vae=vae,
+                    clip=replace(found.clip, skip_layers=skip))
+    prediction = "v" if params.get("parameterization", "eps") == "v" else "epsilon"
+    return found, train_schedule(params.get("linear_start", 0.00085), params.get("linear_end", 0.012),
+                                 params.get("timesteps", 1000), prediction), prediction
+
+
+def train_schedule(start=0.00085, end=0.012, steps=1000, prediction="epsilon") -> TrainSchedule:
+    # CompVis' "linear" beta schedule is linear in sqrt(beta): diffusers' scaled_linear
+    return TrainSchedule(beta_start=start, beta_end=end, num_train_timesteps=steps, prediction=prediction,
+                         spacing="leading", steps_offset=1, set_alpha_to_one=False)
+
+
+def _strip(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def read(path: Path, config: str | Path | None = None, use_ema: bool = True, prediction: str | None = None,
+         unsafe_pickle: bool = False) -> ModelSpec:
+    sd = read_state_dict(path, unsafe_pickle)
+    found = rules.detect({k: tuple(v.shape) for k, v in sd.items()}, str(path))
+    beside = path.with_suffix(".yaml")
+    config = config or (beside if beside.is_file() else None)
+    if config is not None:
+        found, schedule, from_yaml = apply_yaml(found, read_yaml(config))
+        prediction = prediction or from_yaml
+    else:
+        prediction = prediction or found.prediction
+        schedule = train_schedule(0.0001, 0.02) if found.variant == "upscaler" else train_schedule()
+        schedule = replace(schedule, prediction=prediction or "epsilon")
+    unet = _strip(sd, rules.UNET)
+    ema = {k: sd.get(ema_key(k)) for k in unet}
+    use_ema = use_ema and found.ema and all(v is not None for v in ema.values())
+    if found.clip_layout == "openclip":
+        clip = (openclip_to_hf(_strip(sd, rules.CLIP_OPEN), found.clip.layers), [])
+    else:
+        clip = (_strip(sd, rules.CLIP_HF), clip_prefixes())
+    return ModelSpec(unet=found.unet, vae=found.vae, clip=found.clip, schedule=schedule,
+                     weights={"text_encoder": clip, "unet": (ema if use_ema else unet, []),
+                              "vae": ({k: v for k, v in _strip(sd, rules.VAE).items() if not k.startswith("loss.")}, [])},
+                     name=path.stem, native_size=NATIVE.get((found.family, prediction), 512),
+                     pad_token="!" if found.family == "sd2" else "<|endoftext|>", family=found.family,
+                     variant=found.variant, prediction_known=prediction is not None,
+                     ema=use_ema if found.ema else None)
