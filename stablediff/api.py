@@ -40,6 +40,8 @@ def read_spec(path: Path, config=None, use_ema: bool = True, prediction: str | N
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise UserError(f"{path} is a folder but not a diffusers model (no model_index.json)")
+        if config is not None:
+            raise UserError("--config is for single-file checkpoints; a diffusers folder carries its own configs")
         spec = folder_fmt.read(path, unsafe_pickle)
         if prediction:
             spec.schedule = replace(spec.schedule, prediction=prediction)

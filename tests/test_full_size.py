@@ -1,4 +1,5 @@
-"""The same parity on a full-size SD 1.5-shaped random model (860M-parameter UNet), at 64x64 pixels.
+"""The same parity on a full-size SD 1.5-shaped random model (860M-parameter UNet), at 64x64 pixels, from
+the diffusers folder and from single files in the original layout recognised with no config.
 
 Opt-in: `python -m pytest --runslow tests/test_full_size.py` (about 10 GB of memory, a few minutes on 2 cores).
 """
@@ -36,14 +37,21 @@ def sd15_shaped_pipeline():
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("full") / "sd15-shaped"
+    sd15_shaped_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair(folder):
+    from diffusers import StableDiffusionPipeline
+
     from stablediff import StableDiffusion
 
-    path = tmp_path_factory.mktemp("full") / "sd15-shaped"
-    pipe = sd15_shaped_pipeline()
-    pipe.save_pretrained(path)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return StableDiffusion.load(path, device="cpu", dtype="fp32"), pipe
+    return StableDiffusion.load(folder, device="cpu", dtype="fp32"), pipe
 
 
 @torch.no_grad()
@@ -69,3 +77,18 @@ def test_image_matches_diffusers(pair, sampler, schedule, scheduler, config):
                        seed=3, width=64, height=64)
     assert_close(got, expected)
     assert np.asarray(got[0]).std() > 10
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_single_file_recognised_without_config(pair, folder, tmp_path, suffix):
+    from stablediff import StableDiffusion
+    from stablediff.api import read_spec
+    from stablediff.checkpoints.convert import convert
+
+    _, ref = pair
+    convert(read_spec(folder), tmp_path / f"sd15{suffix}")
+    model = StableDiffusion.load(tmp_path / f"sd15{suffix}", device="cpu", dtype="fp32")
+    assert (model.family, model.variant, model.schedule.prediction, model.native_size) == ("sd1", "base", "epsilon", 512)
+    expected = reference_image(ref, "DPMSolverMultistepScheduler", KARRAS, {}, prompt="a red house")
+    assert_close(model.txt2img("a red house", steps=20, sampler="dpmpp_2m", schedule="karras", seed=3, width=64,
+                               height=64), expected)

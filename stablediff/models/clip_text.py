@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stablediff.nn.attention import attention
+from stablediff.nn.layers import embedding
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,8 @@ class ClipLayer(nn.Module):
 class ClipEmbeddings(nn.Module):
     def __init__(self, cfg: ClipTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.position_embedding = nn.Embedding(cfg.max_len, cfg.width)
+        self.token_embedding = embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = embedding(cfg.max_len, cfg.width)
 
     def forward(self, ids):
         return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stablediff.nn.attention import CrossAttention
-from stablediff.nn.layers import Downsample, Upsample, group_norm, timestep_embedding
+from stablediff.nn.layers import Downsample, Upsample, embedding, group_norm, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ class UNet(nn.Module):
         emb_dim = mc * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if cfg.num_classes is not None:
-            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
+            self.label_emb = embedding(cfg.num_classes, emb_dim)
 
         def attn(ch, level):
             if not cfg.attention_levels[level]:
