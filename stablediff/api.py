@@ -32,8 +32,16 @@ def _build(cls, cfg, sd, prefixes, what, dtype, device):
 
 
 def read_spec(path: Path, config=None, use_ema: bool = True, prediction: str | None = None,
-              unsafe_pickle: bool = False) -> ModelSpec:
-    """Configs and weights from a diffusers folder or a single checkpoint file."""
+              unsafe_pickle: bool = False, vae: str | Path | None = None) -> ModelSpec:
+    """Configs and weights from a diffusers folder or a single checkpoint file, with an optional VAE file."""
+    spec = _read_source(path, config, use_ema, prediction, unsafe_pickle)
+    if vae is not None:
+        sd, prefixes = vae_weights(Path(vae), unsafe_pickle)
+        spec.weights["vae"] = (sd, vae_prefixes(spec.vae) if prefixes is None else prefixes)
+    return spec
+
+
+def _read_source(path: Path, config, use_ema: bool, prediction: str | None, unsafe_pickle: bool) -> ModelSpec:
     if not path.exists():
         raise UserError(f"model {path} not found: pass --model with a .safetensors/.ckpt checkpoint or a "
                         "diffusers-layout folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
@@ -99,17 +107,14 @@ class StableDiffusion:
         path = Path(path)
         dev = resolve_device(device) if isinstance(device, str) else device
         dt = resolve_dtype(dtype, dev)
-        spec = read_spec(path, config, use_ema, prediction, unsafe_pickle)
-        if vae is not None:
-            sd, prefixes = vae_weights(Path(vae), unsafe_pickle)
-            spec.weights["vae"] = (sd, vae_prefixes(spec.vae) if prefixes is None else prefixes)
+        spec = read_spec(path, config, use_ema, prediction, unsafe_pickle, vae)
         built = {part: _build(cls_, cfg, *spec.weights[part], part, dt, dev)
                  for part, cls_, cfg in (("text_encoder", ClipTextModel, spec.clip), ("unet", UNet, spec.unet),
                                          ("vae", AutoencoderKL, spec.vae))}
-        schedule = spec.schedule
-        if not spec.prediction_known:
-            schedule = replace(schedule, prediction="v" if probe_v_prediction(built["unet"]) else "epsilon")
-        native = 768 if (spec.family, schedule.prediction, spec.prediction_known) == ("sd2", "v", False) else spec.native_size
+        schedule, native = spec.schedule, spec.native_size
+        if not spec.prediction_known:  # SD 2.x base weights: the 768 v model or the 512 epsilon one
+            is_v = probe_v_prediction(built["unet"])
+            schedule, native = replace(schedule, prediction="v" if is_v else "epsilon"), 768 if is_v else 512
         return cls(tokenizer=ClipTokenizer(spec.tokenizer_tables, pad_token=spec.pad_token, max_len=spec.clip.max_len),
                    schedule=schedule, name=spec.name, device=dev, dtype=dt, native_size=native, family=spec.family,
                    variant=spec.variant, model_hash=cached_hash(path) if path.is_file() else None, **built)

@@ -13,10 +13,10 @@ SAMPLER_HELP = ("ddim, plms, ddpm, lms, euler, euler_a, heun, dpm2, dpm2_a, dpmp
                 "dpmpp_2m_sde, unipc; or an AUTOMATIC1111 name such as \"DPM++ 2M Karras\"")
 
 
-def _add_model_flags(p, model_help: str = "a .safetensors/.ckpt checkpoint or a diffusers-layout folder") -> None:
+def _add_model_flags(p) -> None:
     p.add_argument("--config", help="an original YAML config (e.g. v1-inference.yaml) or a preset name: v1-inference, "
                                     "v1-inpainting-inference, v2-inference, v2-inference-v, v2-midas-inference, x4-upscaling")
-    p.add_argument("--vae", help="a separate VAE file (CompVis or diffusers layout)")
+    p.add_argument("--vae", help="a separate VAE file (CompVis or diffusers layout); convert bakes it in")
     p.add_argument("--no-ema", "--no_ema", dest="no_ema", action="store_true", help="use the raw weights, not the EMA ones")
     p.add_argument("--prediction", choices=("epsilon", "v"), help="for SD 2.x files whose weights do not say")
     p.add_argument("--unsafe-pickle", action="store_true",
@@ -37,7 +37,6 @@ def _add_convert(sub) -> None:
                    help="default: from the output's suffix (.safetensors, .ckpt), else a diffusers folder")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="cast the weights (default: keep them)")
     _add_model_flags(p)
-    p.set_defaults(vae=None)
 
 
 def _add_info(sub) -> None:
@@ -215,9 +214,7 @@ def convert(args) -> None:
     from stablediff.api import read_spec
     from stablediff.checkpoints.convert import convert as write
 
-    kwargs = _load_kwargs(args)
-    kwargs.pop("vae")
-    spec = read_spec(Path(args.input), **kwargs)
+    spec = read_spec(Path(args.input), **_load_kwargs(args))
     fmt = write(spec, Path(args.output), args.format, args.dtype)
     print(f"wrote {args.output} ({fmt})", file=sys.stderr)
 
@@ -230,9 +227,7 @@ def info(args) -> None:
     from stablediff.checkpoints.hashing import cached_hash, compute_hash
 
     path = Path(args.model)
-    kwargs = _load_kwargs(args)
-    kwargs.pop("vae")
-    facts = describe(read_spec(path, **kwargs))
+    facts = describe(read_spec(path, **_load_kwargs(args)))
     if path.is_file():
         facts["model hash"] = compute_hash(path) if args.hash else cached_hash(path) or "not computed (--hash)"
     print(json.dumps(facts, indent=2))

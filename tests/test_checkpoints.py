@@ -308,3 +308,12 @@ def test_malformed_safetensors_are_refused_within_a_second(tmp_path, name, heade
 def test_valid_safetensors_read_as_zero_copy_views(files):
     ours, theirs = read_state_dict(files / "tiny.safetensors"), load_file(files / "tiny.safetensors")
     assert tensors_equal(ours, theirs)
+
+
+def test_convert_bakes_in_a_separate_vae(files, tmp_path):
+    vae = {k: v + 0.5 for k, v in load_file(files / "tiny.safetensors").items() if k.startswith("first_stage_model.")}
+    save_file(vae, tmp_path / "vae.safetensors")
+    assert cli.main(["convert", str(files / "tiny.safetensors"), str(tmp_path / "baked.safetensors"),
+                     "--vae", str(tmp_path / "vae.safetensors")]) == 0
+    baked = load_file(tmp_path / "baked.safetensors")
+    assert all(torch.equal(baked[k], v) for k, v in vae.items())

@@ -97,6 +97,8 @@ def read(path: Path, config: str | Path | None = None, use_ema: bool = True, pre
         prediction = prediction or found.prediction
         schedule = train_schedule(0.0001, 0.02) if found.variant == "upscaler" else train_schedule()
         schedule = replace(schedule, prediction=prediction or "epsilon")
+    if found.family == "sd2":  # 2.1 overflows in fp16 attention and the weights do not tell 2.0 from 2.1
+        found = replace(found, unet=replace(found.unet, upcast_attention=True))
     unet = _strip(sd, rules.UNET)
     ema = {k: sd.get(ema_key(k)) for k in unet}
     use_ema = use_ema and found.ema and all(v is not None for v in ema.values())
