@@ -21,6 +21,8 @@ from stablediff.models.clip_text import ClipTextModel
 from stablediff.models.tokenizer import ClipTokenizer
 from stablediff.models.unet import UNet
 from stablediff.models.vae import AutoencoderKL
+from stablediff.pipelines import img2img as image_pipelines
+from stablediff.pipelines.common import load_image
 from stablediff.pipelines.txt2img import txt2img as run_txt2img
 
 
@@ -130,6 +132,15 @@ class StableDiffusion:
     def denoiser(self) -> Denoiser:
         return self._denoiser
 
+    def _batch(self, prompt, negative_prompt, seed, batch_size):
+        prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        seed = random.randrange(2**32) if seed is None else seed
+        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
+        if not len(prompts) == len(negatives) == len(seeds):
+            raise UserError("give as many negative prompts and seeds as prompts")
+        return prompts, negatives, seeds
+
     def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int = 20,
                 sampler: str = "DPM++ 2M Karras", schedule: str | None = None, scale: float = 7.5,
                 eta: float | None = None, width: int | None = None, height: int | None = None,
@@ -137,12 +148,37 @@ class StableDiffusion:
                 callback: Callable | None = None) -> list[Image.Image]:
         """Images for a prompt (batch_size of them) or one per prompt in a list; image i uses seed + i (or
         seed[i]). schedule None: the one in the sampler's name ("... Karras"), else the model's own."""
-        prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        seed = random.randrange(2**32) if seed is None else seed
-        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
-        if not len(prompts) == len(negatives) == len(seeds):
-            raise UserError("give as many negative prompts and seeds as prompts")
+        prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
         return run_txt2img(self, prompts, negatives, seeds, steps=steps, sampler=sampler, schedule=schedule,
                            scale=scale, eta=eta, width=width or self.native_size, height=height or self.native_size,
                            callback=callback)
+
+    def img2img(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
+                strength: float = 0.75, steps: int = 20, sampler: str = "DPM++ 2M Karras", schedule: str | None = None,
+                scale: float = 7.5, eta: float | None = None, width: int | None = None, height: int | None = None,
+                resize_mode: str = "just-resize", seed: int | list[int] | None = None, batch_size: int = 1,
+                callback: Callable | None = None) -> list[Image.Image]:
+        """The image re-rendered under the prompt; strength 0 keeps it, 1 repaints it. Size: the image's own,
+        rounded down to a multiple of 8, unless width/height say otherwise (then resize_mode applies)."""
+        init = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+        prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
+        w, h = width or init.width // 8 * 8, height or init.height // 8 * 8
+        return image_pipelines.img2img(self, [init] * len(prompts), prompts, negatives, seeds, strength=strength,
+                                       width=w, height=h, resize_mode=resize_mode, callback=callback, steps=steps,
+                                       sampler=sampler, schedule=schedule, scale=scale, eta=eta)
+
+    def inpaint(self, image: Image.Image | str | Path, mask: Image.Image | str | Path, prompt: str | list[str],
+                negative_prompt: str | list[str] = "", *, strength: float = 1.0, fill: str = "original",
+                mask_blur: int = 4, invert_mask: bool = False, steps: int = 20, sampler: str = "DPM++ 2M Karras",
+                schedule: str | None = None, scale: float = 7.5, eta: float | None = None, width: int | None = None,
+                height: int | None = None, resize_mode: str = "just-resize", seed: int | list[int] | None = None,
+                batch_size: int = 1, callback: Callable | None = None) -> list[Image.Image]:
+        """Repaint where the mask is white (with a 9-channel inpainting model, or any ordinary one)."""
+        init = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+        mask_image = load_image(mask, "L") if isinstance(mask, (str, Path)) else mask.convert("L")
+        prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
+        w, h = width or init.width // 8 * 8, height or init.height // 8 * 8
+        return image_pipelines.inpaint(self, [init] * len(prompts), [mask_image] * len(prompts), prompts, negatives,
+                                       seeds, width=w, height=h, strength=strength, fill=fill, mask_blur=mask_blur,
+                                       invert_mask=invert_mask, resize_mode=resize_mode, callback=callback,
+                                       steps=steps, sampler=sampler, schedule=schedule, scale=scale, eta=eta)

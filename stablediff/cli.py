@@ -47,15 +47,15 @@ def _add_info(sub) -> None:
     _add_model_flags(p)
 
 
-def _add_txt2img(sub) -> None:
-    p = sub.add_parser("txt2img", help="make images from a text prompt",
-                       description="Make images from a text prompt. CompVis' scripts/txt2img.py flags work too.")
+def _add_generation(sub, name: str, help_text: str, description: str):
+    """The flags every image-making command shares (CompVis' spellings and clean ones)."""
+    p = sub.add_parser(name, help=help_text, description=description)
     p.add_argument("prompt_pos", nargs="?", metavar="PROMPT", help="the prompt (or --prompt)")
     p.add_argument("--prompt", help="the prompt")
     p.add_argument("--negative-prompt", "--negative_prompt", default="", help="what the image should not show")
     p.add_argument("--from-file", "--from_file", help="a text file with one prompt per line")
     p.add_argument("--model", "--ckpt", help="a .safetensors/.ckpt checkpoint or a diffusers-layout folder")
-    p.add_argument("--outdir", default="outputs/txt2img-samples", help="where samples/ and grids go")
+    p.add_argument("--outdir", default=f"outputs/{name}-samples", help="where samples/ and grids go")
     p.add_argument("--steps", "--ddim_steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--sampler", default="DPM++ 2M Karras", help=f"one of {SAMPLER_HELP} (default DPM++ 2M Karras)")
     p.add_argument("--plms", action="store_true", help="same as --sampler plms")
@@ -65,8 +65,9 @@ def _add_txt2img(sub) -> None:
                         "(default: the one in the sampler's name, else the model's own)")
     p.add_argument("--scale", "--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale (7.5)")
     p.add_argument("--ddim_eta", "--eta", type=float, default=None, help="noise of DDIM and ancestral samplers")
-    p.add_argument("--H", "--height", type=int, dest="H", help="image height in pixels (default: the model's size)")
-    p.add_argument("--W", "--width", type=int, dest="W", help="image width in pixels (default: the model's size)")
+    size = "the model's size" if name == "txt2img" else "the init image's, rounded down to a multiple of 8"
+    p.add_argument("--H", "--height", type=int, dest="H", help=f"image height in pixels (default: {size})")
+    p.add_argument("--W", "--width", type=int, dest="W", help=f"image width in pixels (default: {size})")
     p.add_argument("--C", type=int, default=4, help="latent channels (must be 4)")
     p.add_argument("--f", type=int, default=None, help="downsampling factor (must match the VAE: 8 for SD)")
     p.add_argument("--n_samples", "--batch-size", type=int, default=1, help="images per batch (1)")
@@ -81,13 +82,38 @@ def _add_txt2img(sub) -> None:
     p.add_argument("--bf16", action="store_true", help="same as --precision bf16")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     _add_model_flags(p)
+    return p
+
+
+def _add_image_flags(p, strength: float) -> None:
+    p.add_argument("--init-img", "--init_img", required=True, help="the starting image")
+    p.add_argument("--strength", type=float, default=strength,
+                   help=f"how much to change it, 0..1: the last int(steps x strength) steps run (default {strength})")
+    p.add_argument("--resize-mode", default="just-resize", choices=("just-resize", "crop-and-resize", "resize-and-fill"),
+                   help="when the image is not the requested size")
+
+
+def _add_commands(sub) -> None:
+    _add_generation(sub, "txt2img", "make images from a text prompt",
+                    "Make images from a text prompt. CompVis' scripts/txt2img.py flags work too.")
+    p = _add_generation(sub, "img2img", "re-render an image under a prompt",
+                        "Re-render an image under a prompt (SDEdit). CompVis' scripts/img2img.py flags work too.")
+    _add_image_flags(p, 0.75)
+    p = _add_generation(sub, "inpaint", "repaint the masked part of an image",
+                        "Repaint where the mask is white, with an inpainting model (9 channels) or any ordinary one.")
+    _add_image_flags(p, 1.0)
+    p.add_argument("--mask", required=True, help="white = repaint, black = keep")
+    p.add_argument("--invert-mask", action="store_true", help="black = repaint instead")
+    p.add_argument("--mask-blur", type=int, default=4, help="blur radius of the mask's edge in pixels (4)")
+    p.add_argument("--fill", default="original", choices=("original", "fill", "latent-noise", "latent-nothing"),
+                   help="what an ordinary model starts from inside the mask (AUTOMATIC1111's masked content)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="stablediff", allow_abbrev=False,
                                      description="Stable Diffusion on your own machine.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_txt2img(sub)
+    _add_commands(sub)
     _add_convert(sub)
     _add_info(sub)
     return parser.parse_args(argv)
@@ -172,15 +198,36 @@ def batches(prompts: list[str], args, seed: int):
             j += len(chunk)
 
 
-def txt2img(args) -> None:
+def _render(model, args, images: dict, prompts: list[str], seeds: list[int], callback):
+    """One batch of the command's images."""
+    shared = dict(seed=seeds, steps=args.steps, sampler=args.sampler_key, schedule=args.schedule_key, scale=args.scale,
+                  eta=args.ddim_eta, callback=callback)
+    if args.command == "txt2img":
+        return model.txt2img(prompts, args.negative_prompt, width=args.W or model.native_size,
+                             height=args.H or model.native_size, **shared)
+    shared.update(width=args.W, height=args.H, strength=args.strength, resize_mode=args.resize_mode)
+    if args.command == "img2img":
+        return model.img2img(images["init"], prompts, args.negative_prompt, **shared)
+    return model.inpaint(images["init"], images["mask"], prompts, args.negative_prompt, fill=args.fill,
+                         mask_blur=args.mask_blur, invert_mask=args.invert_mask, **shared)
+
+
+def generate(args) -> None:
+    """txt2img, img2img and inpaint: batches, progress, numbered PNGs with their parameters, a grid."""
     from tqdm import tqdm
 
     from stablediff.api import StableDiffusion
-    from stablediff.pipelines.common import parse_sampler
+    from stablediff.pipelines.common import load_image, parse_sampler
 
     _check_numbers(args)
     prompts = read_prompts(args)
-    sampler, schedule = parse_sampler("plms" if args.plms else "dpmpp_2m" if args.dpm else args.sampler, args.schedule)
+    args.sampler_key, args.schedule_key = parse_sampler("plms" if args.plms else "dpmpp_2m" if args.dpm else args.sampler,
+                                                        args.schedule)
+    images = {}
+    if args.command != "txt2img":  # read the images before the model, so a bad path fails fast
+        images["init"] = load_image(args.init_img)
+        if args.command == "inpaint":
+            images["mask"] = load_image(args.mask, "L")
     model = StableDiffusion.load(args.model, device=args.device, dtype="bf16" if args.bf16 else args.precision,
                                  **_load_kwargs(args))
     if args.f is not None and args.f != model.vae_scale:
@@ -191,18 +238,16 @@ def txt2img(args) -> None:
     samples_dir = outdir / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
     number = next_number(samples_dir, r"(\d{5})\.png")
-    width, height = args.W or model.native_size, args.H or model.native_size
+    steps = args.steps if args.command == "txt2img" else int(args.steps * args.strength)
     made = []
     for batch_prompts, seeds in batches(prompts, args, seed):
-        with tqdm(total=args.steps, unit="step", desc="sampling", leave=False) as bar:
-            images = model.txt2img(batch_prompts, args.negative_prompt, seed=seeds, steps=args.steps, sampler=sampler,
-                                   schedule=schedule, scale=args.scale, eta=args.ddim_eta, width=width, height=height,
-                                   callback=lambda *_: bar.update(1))
-        for image in images:
+        with tqdm(total=steps, unit="step", desc="sampling", leave=False) as bar:
+            batch = _render(model, args, images, batch_prompts, seeds, lambda *_: bar.update(1))
+        for image in batch:
             if not args.skip_save:
                 save_png(image, samples_dir / f"{number:05d}.png", image.info.get("parameters"))
                 number += 1
-        made += images
+        made += batch
     if not args.skip_grid:
         grid_path = outdir / "grid-{:04d}.png".format(next_number(outdir, r"grid-(\d{4})\.png"))
         save_png(make_grid(made, args.n_rows or args.n_samples), grid_path, made[0].info.get("parameters"))
@@ -236,7 +281,7 @@ def info(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        {"txt2img": txt2img, "convert": convert, "info": info}[args.command](args)
+        {"txt2img": generate, "img2img": generate, "inpaint": generate, "convert": convert, "info": info}[args.command](args)
     except UserError as e:
         print(f"stablediff: error: {e}", file=sys.stderr)
         return 2

@@ -28,14 +28,15 @@ def _jitter_norms(module: torch.nn.Module, gen: torch.Generator) -> None:
             p.data += 0.1 * torch.randn(p.shape, generator=gen)
 
 
-def make_reference_pipeline(v_prediction: bool = False, sd2: bool = False):
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def make_reference_pipeline(v_prediction: bool = False, sd2: bool = False, in_channels: int = 4):
+    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+        sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=128,
         attention_head_dim=(2, 4, 4) if sd2 else 8, use_linear_projection=sd2, norm_num_groups=32)
@@ -56,8 +57,9 @@ def make_reference_pipeline(v_prediction: bool = False, sd2: bool = False):
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, clip_sample=False,
         set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, trained_betas=None,
         prediction_type="v_prediction" if v_prediction else "epsilon"))
-    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    cls = StableDiffusionInpaintPipeline if in_channels == 9 else StableDiffusionPipeline
+    return cls(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +75,14 @@ def tiny_v_model_dir(tmp_path_factory) -> Path:
     """A tiny SD 2.x-shaped (linear projections, gelu, "!" padding) v-prediction model folder, as .bin pickles."""
     path = tmp_path_factory.mktemp("models") / "tiny-sd2-v"
     make_reference_pipeline(v_prediction=True, sd2=True).save_pretrained(path, safe_serialization=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_dir(tmp_path_factory) -> Path:
+    """A tiny 9-channel inpainting model folder (latents + mask + masked-image latents)."""
+    path = tmp_path_factory.mktemp("models") / "tiny-inpaint"
+    make_reference_pipeline(in_channels=9).save_pretrained(path)
     return path
 
 

@@ -37,7 +37,10 @@ class Denoiser:
         c_in = (s**2 + 1) ** -0.5
         dtype = next(self.unet.parameters()).dtype
         extra = cond.get("extra", {})
-        out = self.unet((x * c_in).to(dtype), self.sigma_to_t(sigma), cond["context"].to(dtype), **extra).float()
+        inp = x * c_in
+        if cond.get("concat") is not None:  # inpainting/depth models: extra input channels, not scaled
+            inp = torch.cat([inp, cond["concat"]], dim=1)
+        out = self.unet(inp.to(dtype), self.sigma_to_t(sigma), cond["context"].to(dtype), **extra).float()
         if self.prediction == "v":
             return x / (s**2 + 1) - out * s * c_in
         return x - out * s

@@ -1,6 +1,8 @@
 """The steps every pipeline shares, written once: text encoding, sigmas, noise, sampling, decoding."""
+from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -9,6 +11,7 @@ from stablediff.diffusion.guidance import CFGDenoiser
 from stablediff.diffusion.samplers import SAMPLERS, Sampler
 from stablediff.diffusion.schedules import SCHEDULES, inference_sigmas
 from stablediff.errors import UserError
+from stablediff.pipelines.infotext import Params
 
 # AUTOMATIC1111 labels, lower-cased, for `--sampler "DPM++ 2M Karras"` and friends
 _A1111 = {s.label.lower(): name for name, s in SAMPLERS.items()}
@@ -64,12 +67,137 @@ def noise_source(gens: list[torch.Generator], shape: tuple[int, ...], device) ->
     return draw
 
 
-def sample(model, x, sigmas, sampler: Sampler, cond: dict, scale: float, noise, eta=None, callback=None):
-    """Run a sampler under classifier-free guidance; returns latents in the model's own (VP) scale."""
-    denoiser = CFGDenoiser(model.denoiser(), scale)
-    options = {} if sampler.eta is None else {"eta": sampler.eta if eta is None else eta}
-    x = sampler.fn(denoiser, x, sigmas, cond, noise=noise, callback=callback, **options)
+def check_size(width: int, height: int) -> None:
+    if width <= 0 or height <= 0 or width % 8 or height % 8:
+        raise UserError(f"image size {width}x{height} is not possible: width and height must be positive multiples of 8")
+
+
+@dataclass
+class Job:
+    """What one batch shares between the steps of any pipeline."""
+
+    prompts: list[str]
+    negatives: list[str]
+    seeds: list[int]
+    steps: int
+    key: str
+    spec: Sampler
+    schedule: str
+    sigmas: torch.Tensor  # on the CPU: samplers do their scalar math there (in float64, which MPS lacks)
+    scale: float
+    eta: float | None
+    width: int
+    height: int
+    cond: dict
+    noise: Callable[[], torch.Tensor]
+
+
+def prepare(model, prompts: list[str], negatives: list[str], seeds: list[int], *, steps: int, sampler: str,
+            schedule: str | None, scale: float, eta: float | None, width: int, height: int) -> Job:
+    """Check the request, pick the sigmas, encode the prompts and set up each image's noise."""
+    check_size(width, height)
+    if steps < 1:
+        raise UserError(f"steps must be at least 1 (got {steps})")
+    key, schedule = parse_sampler(sampler, schedule)
+    spec = SAMPLERS[key]
+    cond = {"context": encode_text(model, prompts), "uncond": encode_text(model, negatives)}
+    f = model.vae_scale
+    noise = noise_source(generators(seeds), (4, height // f, width // f), model.device)
+    return Job(prompts, negatives, seeds, steps, key, spec, schedule,
+               sampler_sigmas(model.denoiser(), model.schedule, spec, steps, schedule), scale, eta, width, height, cond, noise)
+
+
+def sample(model, job: Job, x: torch.Tensor, sigmas: torch.Tensor | None = None, wrap: Callable | None = None,
+           callback: Callable | None = None) -> torch.Tensor:
+    """Run the job's sampler under classifier-free guidance (and `wrap`, e.g. inpaint masking) from x at
+    sigmas[0]; returns latents in the model's own (VP) scale."""
+    sigmas = job.sigmas if sigmas is None else sigmas
+    denoiser = CFGDenoiser(model.denoiser(), job.scale)
+    if wrap is not None:
+        denoiser = wrap(denoiser)
+    options = {} if job.spec.eta is None else {"eta": job.spec.eta if job.eta is None else job.eta}
+    x = job.spec.fn(denoiser, x, sigmas, job.cond, noise=job.noise, callback=callback, **options)
     return x / (1 + sigmas[-1] ** 2) ** 0.5  # x0 + sigma * eps -> sqrt(alpha_bar) * (...); identity at sigma 0
+
+
+def annotate(model, job: Job, images: list[Image.Image], extra: dict | None = None) -> list[Image.Image]:
+    """Attach each image's generation parameters (AUTOMATIC1111 infotext)."""
+    extra = dict(extra or {})
+    if job.eta is not None and job.spec.eta is not None and job.eta != job.spec.eta:
+        extra["Eta"] = f"{job.eta:g}"
+    for image, prompt, negative, seed in zip(images, job.prompts, job.negatives, job.seeds):
+        image.info["parameters"] = Params(prompt, negative, job.steps, job.spec.label, job.schedule, job.scale, seed,
+                                          job.width, job.height, model.name, model.model_hash, extra).infotext()
+    return images
+
+
+def load_image(path, mode: str = "RGB") -> Image.Image:
+    """An image file, or a one-line error saying what is wrong with it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such image file") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not an image Pillow can read ({e})") from None
+
+
+RESIZE_MODES = ("just-resize", "crop-and-resize", "resize-and-fill")
+
+
+def fit(image: Image.Image, width: int, height: int, mode: str = "just-resize") -> Image.Image:
+    """The image at width x height: stretched, cropped to the aspect then resized, or resized to fit with the
+    borders filled by stretching its edge pixels (AUTOMATIC1111's three resize modes)."""
+    if image.size == (width, height):
+        return image
+    if mode == "just-resize":
+        return image.resize((width, height), Image.LANCZOS)
+    w, h = image.size
+    scale = (max if mode == "crop-and-resize" else min)(width / w, height / h)
+    rw, rh = max(1, round(w * scale)), max(1, round(h * scale))
+    resized = image.resize((rw, rh), Image.LANCZOS)
+    if mode == "crop-and-resize":
+        left, top = (rw - width) // 2, (rh - height) // 2
+        return resized.crop((left, top, left + width, top + height))
+    if mode != "resize-and-fill":
+        raise UserError(f"unknown resize mode {mode!r} (choose from {', '.join(RESIZE_MODES)})")
+    canvas = resized.resize((width, height), Image.NEAREST)  # edge pixels stretched out into the borders
+    left, top = (width - rw) // 2, (height - rh) // 2
+    canvas.paste(resized.resize((rw, rh)), (left, top))
+    return _stretch_edges(canvas, resized, left, top)
+
+
+def _stretch_edges(canvas: Image.Image, inner: Image.Image, left: int, top: int) -> Image.Image:
+    a = np.asarray(canvas).copy()
+    b = np.asarray(inner)
+    h, w = b.shape[:2]
+    a[top:top + h, :left] = b[:, :1]
+    a[top:top + h, left + w:] = b[:, -1:]
+    a[:top] = a[top:top + 1]
+    a[top + h:] = a[top + h - 1:top + h]
+    return Image.fromarray(a)
+
+
+def to_pixels(images: list[Image.Image], device) -> torch.Tensor:
+    """PIL images -> (B, 3, H, W) in [-1, 1]."""
+    arrays = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).mul(2).sub(1).to(device)
+
+
+def encode_image(model, pixels: torch.Tensor, noise: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Scaled latents of (B,3,H,W) pixels: a sample of the VAE's posterior, drawn from each image's generator as
+    diffusers' latent_dist.sample(generator) does (so the draws after it line up)."""
+    with torch.no_grad():
+        mean, logvar = model.vae.encode(pixels.to(model.dtype))
+    z = mean.float() + (0.5 * logvar.float()).exp() * noise()
+    return z * model.vae.config.scaling_factor
+
+
+def strength_sigmas(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
+    """The last int(steps * strength) steps of a schedule, as CompVis and diffusers run img2img."""
+    if not 0.0 <= strength <= 1.0:
+        raise UserError(f"strength {strength} is outside 0..1 (0 keeps the image, 1 repaints it entirely)")
+    return sigmas[steps - min(int(steps * strength), steps):]
 
 
 def decode(model, latents: torch.Tensor) -> list[Image.Image]:

@@ -1,0 +1,156 @@
+"""img2img and inpainting: equal to diffusers' pipelines where they define the result, and the guarantees
+users rely on (original pixels kept outside the mask, clear errors) where they do not."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stablediff import StableDiffusion, cli
+from stablediff.errors import UserError
+
+from test_txt2img_parity import LEADING, assert_close
+
+STEPS = 20
+
+
+def init_image(size=64, seed=0) -> Image.Image:
+    """Smooth colour gradients plus a little noise: something the VAE encodes to a structured latent."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    rgb = np.stack([x, y, (x + y) / 2], -1) + np.random.RandomState(seed).rand(size, size, 3) * 0.2
+    return Image.fromarray((rgb.clip(0, 1) * 255).astype(np.uint8))
+
+
+def square_mask(size=64, box=(16, 16, 48, 48)) -> Image.Image:
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, box)
+    return mask
+
+
+def run_reference(pipe, scheduler, config, **kw):
+    import diffusers
+
+    if not hasattr(pipe, "base_scheduler_config"):
+        pipe.base_scheduler_config = dict(pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.base_scheduler_config, **config)
+    out = pipe("a photo of a cat", num_inference_steps=STEPS, guidance_scale=7.5, output_type="np",
+               generator=torch.Generator().manual_seed(3), **kw).images
+    return (out * 255).round().astype(np.uint8)
+
+
+SAMPLERS = [("ddim", "default", "DDIMScheduler", {}), ("euler_a", "default", "EulerAncestralDiscreteScheduler", LEADING)]
+
+
+@pytest.fixture(scope="module")
+def img2img_pipe(tiny_model_dir):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("sampler,schedule,scheduler,config", SAMPLERS, ids=[s[0] for s in SAMPLERS])
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_img2img_matches_diffusers(ours, img2img_pipe, sampler, schedule, scheduler, config, strength):
+    expected = run_reference(img2img_pipe, scheduler, config, image=init_image(), strength=strength)
+    got = ours.img2img(init_image(), "a photo of a cat", strength=strength, steps=STEPS, sampler=sampler,
+                       schedule=schedule, seed=3)
+    assert_close(got, expected)
+    assert "Denoising strength: " + f"{strength:g}" in got[0].info["parameters"]
+
+
+@pytest.fixture(scope="module")
+def inpaint_pair(tiny_inpaint_dir):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(tiny_inpaint_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return StableDiffusion.load(tiny_inpaint_dir, device="cpu", dtype="fp32"), pipe
+
+
+@pytest.mark.parametrize("sampler,schedule,scheduler,config", SAMPLERS, ids=[s[0] for s in SAMPLERS])
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_nine_channel_inpainting_matches_diffusers_inside_the_mask(inpaint_pair, sampler, schedule, scheduler, config,
+                                                                    strength):
+    ours, pipe = inpaint_pair
+    expected = run_reference(pipe, scheduler, config, image=init_image(), mask_image=square_mask(), strength=strength,
+                             height=64, width=64)
+    got = ours.inpaint(init_image(), square_mask(), "a photo of a cat", strength=strength, mask_blur=0, steps=STEPS,
+                       sampler=sampler, schedule=schedule, seed=3)
+    inside = (slice(None), slice(16, 48), slice(16, 48))
+    assert_close([Image.fromarray(np.stack([np.asarray(g) for g in got])[inside][0])], expected[inside])
+    outside = np.asarray(got[0]).astype(int) - np.asarray(init_image()).astype(int)
+    assert not outside[:16].any() and not outside[48:].any()  # paste-back: the original, exactly
+
+
+@pytest.mark.parametrize("fill", ["original", "fill", "latent-noise", "latent-nothing"])
+def test_ordinary_model_keeps_everything_outside_the_blurred_mask(ours, fill):
+    image, mask = init_image(), square_mask(box=(24, 24, 40, 40))
+    got = np.asarray(ours.inpaint(image, mask, "a photo of a cat", fill=fill, mask_blur=4, steps=8, seed=5)[0]).astype(int)
+    blurred = np.asarray(mask.filter(__import__("PIL.ImageFilter", fromlist=["x"]).GaussianBlur(4)))
+    original = np.asarray(image).astype(int)
+    assert np.abs(got - original)[blurred == 0].max() <= 1
+    assert np.abs(got - original)[28:36, 28:36].mean() > 10  # and the inside was repainted
+
+
+def test_invert_mask_repaints_the_other_side(ours):
+    image = init_image()
+    got = np.asarray(ours.inpaint(image, square_mask(), "a cat", invert_mask=True, mask_blur=0, steps=4, seed=1)[0])
+    assert np.array_equal(got[16:48, 16:48], np.asarray(image)[16:48, 16:48])
+
+
+def test_strength_zero_returns_the_encoded_image_and_bad_input_is_one_line(ours, tmp_path):
+    with pytest.raises(UserError, match="strength 1.5 is outside 0..1"):
+        ours.img2img(init_image(), "x", strength=1.5)
+    with pytest.raises(UserError, match="the mask is empty"):
+        ours.inpaint(init_image(), Image.new("L", (64, 64), 0), "x")
+    with pytest.raises(UserError, match="no such image file"):
+        ours.img2img(tmp_path / "missing.png", "x")
+    (tmp_path / "bad.png").write_text("not an image")
+    with pytest.raises(UserError, match="not an image Pillow can read"):
+        ours.img2img(tmp_path / "bad.png", "x")
+    assert ours.img2img(init_image(), "x", strength=0.0, seed=1)[0].size == (64, 64)
+
+
+def test_nine_channel_model_refuses_txt2img_and_img2img(inpaint_pair):
+    ours, _ = inpaint_pair
+    with pytest.raises(UserError, match="9 input channels"):
+        ours.txt2img("x", width=64, height=64)
+    with pytest.raises(UserError, match="img2img needs a model whose UNet takes 4 input channels"):
+        ours.img2img(init_image(), "x")
+
+
+@pytest.mark.parametrize("mode,size", [("just-resize", (64, 48)), ("crop-and-resize", (64, 48)),
+                                       ("resize-and-fill", (64, 48))])
+def test_resize_modes_give_the_requested_size(mode, size):
+    from stablediff.pipelines.common import fit
+
+    out = fit(init_image(96), *size, mode)
+    assert out.size == size
+    if mode == "resize-and-fill":  # a square into a wide frame: borders copy the edge columns
+        a = np.asarray(out)
+        assert np.array_equal(a[:, 0], a[:, 7])
+
+
+def test_img2img_and_inpaint_commands(ours, tiny_model_dir, tmp_path, capsys):
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    init_image().save(init)
+    square_mask().save(mask)
+    out = tmp_path / "out"
+    assert cli.main(["img2img", "a photo of a cat", "--init-img", str(init), "--model", str(tiny_model_dir), "--outdir",
+                     str(out), "--strength", "0.5", "--ddim_steps", "20", "--sampler", "ddim", "--seed", "3",
+                     "--skip_grid"]) == 0
+    expected = ours.img2img(init_image(), "a photo of a cat", strength=0.5, steps=20, sampler="ddim", seed=3)[0]
+    got = Image.open(out / "samples" / "00000.png")
+    assert np.array_equal(np.asarray(got), np.asarray(expected))
+    assert "Denoising strength: 0.5" in got.info["parameters"]
+    assert cli.main(["inpaint", "a cat", "--init-img", str(init), "--mask", str(mask), "--model", str(tiny_model_dir),
+                     "--outdir", str(out), "--fill", "latent-nothing", "--mask-blur", "0", "--steps", "4", "--seed", "1",
+                     "--skip_grid"]) == 0
+    repainted = np.asarray(Image.open(out / "samples" / "00001.png")).astype(int)
+    assert np.array_equal(repainted[:16], np.asarray(init_image())[:16])
+    assert "Masked content: latent-nothing" in Image.open(out / "samples" / "00001.png").info["parameters"]
+    assert cli.main(["img2img", "x", "--init-img", str(init), "--model", str(tiny_model_dir), "--strength", "2",
+                     "--outdir", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "stablediff: error: strength 2.0 is outside 0..1 (0 keeps the image, 1 repaints it entirely)"
