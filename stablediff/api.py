@@ -22,7 +22,9 @@ from stablediff.models.tokenizer import ClipTokenizer
 from stablediff.models.unet import UNet
 from stablediff.models.vae import AutoencoderKL
 from stablediff.pipelines import img2img as image_pipelines
+from stablediff.pipelines.common import fit as common_fit
 from stablediff.pipelines.common import load_image
+from stablediff.pipelines.depth import depth_from_image, estimate_depth
 from stablediff.pipelines.txt2img import txt2img as run_txt2img
 
 
@@ -166,6 +168,28 @@ class StableDiffusion:
         return image_pipelines.img2img(self, [init] * len(prompts), prompts, negatives, seeds, strength=strength,
                                        width=w, height=h, resize_mode=resize_mode, callback=callback, steps=steps,
                                        sampler=sampler, schedule=schedule, scale=scale, eta=eta)
+
+    def depth2img(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "",
+                  *, depth_map: Image.Image | str | Path | None = None, depth_model: str | Path | None = None,
+                  strength: float = 0.8, steps: int = 20, sampler: str = "DPM++ 2M Karras", schedule: str | None = None,
+                  scale: float = 7.5, eta: float | None = None, width: int | None = None, height: int | None = None,
+                  resize_mode: str = "just-resize", seed: int | list[int] | None = None, batch_size: int = 1,
+                  callback: Callable | None = None) -> list[Image.Image]:
+        """img2img with an SD 2 depth model, keeping the scene's depth: from `depth_map` (an image, lighter or
+        darker = nearer, any scale), or estimated by the DPT model folder `depth_model`."""
+        init = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+        prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
+        w, h = width or init.width // 8 * 8, height or init.height // 8 * 8
+        if depth_map is not None:
+            depth = depth_from_image(load_image(depth_map, "F") if isinstance(depth_map, (str, Path)) else depth_map)
+        elif depth_model is not None:
+            depth = estimate_depth([common_fit(init, w, h, resize_mode)], depth_model)[0]
+        else:
+            raise UserError("depth2img needs a depth map (--depth-map IMG) or a DPT model to estimate one (--depth-model DIR)")
+        return image_pipelines.img2img(self, [init] * len(prompts), prompts, negatives, seeds, strength=strength,
+                                       width=w, height=h, resize_mode=resize_mode, callback=callback, steps=steps,
+                                       sampler=sampler, schedule=schedule, scale=scale, eta=eta,
+                                       depths=[depth] * len(prompts))
 
     def inpaint(self, image: Image.Image | str | Path, mask: Image.Image | str | Path, prompt: str | list[str],
                 negative_prompt: str | list[str] = "", *, strength: float = 1.0, fill: str = "original",

@@ -99,6 +99,11 @@ def _add_commands(sub) -> None:
     p = _add_generation(sub, "img2img", "re-render an image under a prompt",
                         "Re-render an image under a prompt (SDEdit). CompVis' scripts/img2img.py flags work too.")
     _add_image_flags(p, 0.75)
+    p = _add_generation(sub, "depth2img", "re-render an image keeping its depth (SD 2 depth model)",
+                        "Re-render an image under a prompt, keeping the scene's depth, with an SD 2 depth model.")
+    _add_image_flags(p, 0.8)
+    p.add_argument("--depth-map", help="a depth image (nearer = lighter or darker, any bit depth)")
+    p.add_argument("--depth-model", help="a DPT/MiDaS model folder to estimate depth with (needs stablediff[depth])")
     p = _add_generation(sub, "inpaint", "repaint the masked part of an image",
                         "Repaint where the mask is white, with an inpainting model (9 channels) or any ordinary one.")
     _add_image_flags(p, 1.0)
@@ -208,6 +213,9 @@ def _render(model, args, images: dict, prompts: list[str], seeds: list[int], cal
     shared.update(width=args.W, height=args.H, strength=args.strength, resize_mode=args.resize_mode)
     if args.command == "img2img":
         return model.img2img(images["init"], prompts, args.negative_prompt, **shared)
+    if args.command == "depth2img":
+        return model.depth2img(images["init"], prompts, args.negative_prompt, depth_map=images.get("depth"),
+                               depth_model=args.depth_model, **shared)
     return model.inpaint(images["init"], images["mask"], prompts, args.negative_prompt, fill=args.fill,
                          mask_blur=args.mask_blur, invert_mask=args.invert_mask, **shared)
 
@@ -228,6 +236,10 @@ def generate(args) -> None:
         images["init"] = load_image(args.init_img)
         if args.command == "inpaint":
             images["mask"] = load_image(args.mask, "L")
+        if args.command == "depth2img" and args.depth_map:
+            images["depth"] = load_image(args.depth_map, "F")
+        elif args.command == "depth2img" and not args.depth_model:
+            raise UserError("depth2img needs a depth map (--depth-map IMG) or a DPT model to estimate one (--depth-model DIR)")
     model = StableDiffusion.load(args.model, device=args.device, dtype="bf16" if args.bf16 else args.precision,
                                  **_load_kwargs(args))
     if args.f is not None and args.f != model.vae_scale:
@@ -281,7 +293,8 @@ def info(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        {"txt2img": generate, "img2img": generate, "inpaint": generate, "convert": convert, "info": info}[args.command](args)
+        commands = {"convert": convert, "info": info}
+        commands.get(args.command, generate)(args)
     except UserError as e:
         print(f"stablediff: error: {e}", file=sys.stderr)
         return 2

@@ -57,6 +57,11 @@ def make_reference_pipeline(v_prediction: bool = False, sd2: bool = False, in_ch
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, clip_sample=False,
         set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, trained_betas=None,
         prediction_type="v_prediction" if v_prediction else "epsilon"))
+    if in_channels == 5:  # SD 2 depth: the depth estimator is optional when a depth map is passed
+        from diffusers import StableDiffusionDepth2ImgPipeline
+
+        return StableDiffusionDepth2ImgPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+                                                depth_estimator=None, feature_extractor=None)
     cls = StableDiffusionInpaintPipeline if in_channels == 9 else StableDiffusionPipeline
     return cls(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -84,6 +89,16 @@ def tiny_inpaint_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny-inpaint"
     make_reference_pipeline(in_channels=9).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_depth(tmp_path_factory):
+    """A tiny 5-channel SD 2 depth model: (its folder, diffusers' pipeline on the same weights)."""
+    path = tmp_path_factory.mktemp("models") / "tiny-depth"
+    pipe = make_reference_pipeline(in_channels=5)
+    pipe.save_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return path, pipe
 
 
 @pytest.fixture(scope="session")

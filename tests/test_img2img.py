@@ -154,3 +154,76 @@ def test_img2img_and_inpaint_commands(ours, tiny_model_dir, tmp_path, capsys):
                      "--outdir", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         "stablediff: error: strength 2.0 is outside 0..1 (0 keeps the image, 1 repaints it entirely)"
+
+
+def depth_map(size=64) -> Image.Image:
+    """A 16-bit depth map: a tilted plane with a bump, as MiDaS-style maps look."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    d = 0.5 * x + 0.3 * y + 0.4 * np.exp(-((x - 0.5) ** 2 + (y - 0.5) ** 2) / 0.02)
+    return Image.fromarray((d / d.max() * 65535).astype(np.uint16))
+
+
+@pytest.mark.parametrize("sampler,schedule,scheduler,config", SAMPLERS, ids=[s[0] for s in SAMPLERS])
+def test_depth2img_matches_diffusers_given_the_same_depth_map(tiny_depth, sampler, schedule, scheduler, config):
+    from stablediff.pipelines.depth import depth_from_image
+
+    path, pipe = tiny_depth
+    depth = depth_from_image(depth_map())
+    expected = run_reference(pipe, scheduler, config, image=init_image(), depth_map=depth[None], strength=0.8)
+    model = StableDiffusion.load(path, device="cpu", dtype="fp32")
+    assert model.variant == "depth"
+    got = model.depth2img(init_image(), "a photo of a cat", depth_map=depth_map(), strength=0.8, steps=STEPS,
+                          sampler=sampler, schedule=schedule, seed=3)
+    assert_close(got, expected)
+
+
+def test_depth2img_needs_a_depth_source_and_a_depth_model(ours, tiny_depth):
+    model = StableDiffusion.load(tiny_depth[0], device="cpu", dtype="fp32")
+    with pytest.raises(UserError, match="needs a depth map"):
+        model.depth2img(init_image(), "x")
+    with pytest.raises(UserError, match="depth2img needs a model whose UNet takes 5 input channels; this one takes 4"):
+        ours.depth2img(init_image(), "x", depth_map=depth_map())
+    with pytest.raises(UserError, match="the depth map is flat"):
+        model.depth2img(init_image(), "x", depth_map=Image.new("L", (64, 64), 7))
+
+
+@pytest.fixture(scope="module")
+def tiny_dpt(tmp_path_factory):
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(0)
+    cfg = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37, image_size=32,
+                    patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32],
+                    fusion_hidden_size=16, is_hybrid=False)
+    model = DPTForDepthEstimation(cfg)
+    for p in model.parameters():  # random init predicts a flat map; jitter it so depth varies
+        p.data += 0.2 * torch.randn_like(p)
+    path = tmp_path_factory.mktemp("dpt") / "tiny-dpt"
+    model.save_pretrained(path)
+    DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path, model
+
+
+def test_estimated_depth_matches_diffusers_depth_preparation(tiny_depth, tiny_dpt):
+    from transformers import DPTImageProcessor
+
+    from stablediff.pipelines.depth import depth_condition, estimate_depth
+
+    path, pipe = tiny_depth
+    pipe.depth_estimator, pipe.feature_extractor = tiny_dpt[1], DPTImageProcessor.from_pretrained(tiny_dpt[0])
+    try:
+        expected = pipe.prepare_depth_map(init_image(), None, 1, False, torch.float32, torch.device("cpu"))
+    finally:
+        pipe.depth_estimator = pipe.feature_extractor = None
+    got = depth_condition(estimate_depth([init_image()], tiny_dpt[0]), (8, 8), "cpu")
+    assert expected.std() > 0.1 and (got - expected).abs().max() < 1e-4
+
+
+def test_depth_estimation_without_transformers_says_what_to_install(monkeypatch):
+    import sys
+
+    from stablediff.pipelines.depth import estimate_depth
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(UserError, match=r"pip install 'stablediff\[depth\]'"):
+        estimate_depth([init_image()], "anywhere")

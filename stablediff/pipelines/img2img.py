@@ -9,6 +9,7 @@ from PIL import Image, ImageFilter, ImageOps
 from stablediff.diffusion.guidance import MaskedDenoiser
 from stablediff.errors import UserError
 from stablediff.pipelines import common
+from stablediff.pipelines.depth import depth_condition
 
 FILLS = ("original", "fill", "latent-noise", "latent-nothing")
 
@@ -21,10 +22,13 @@ def _needs_channels(model, channels: tuple[int, ...], what: str) -> None:
 
 def img2img(model, images: list[Image.Image], prompts: list[str], negatives: list[str], seeds: list[int], *,
             strength: float, width: int, height: int, resize_mode: str = "just-resize", callback: Callable | None = None,
-            **sampling) -> list[Image.Image]:
-    """Each image re-rendered under its prompt: the last int(steps * strength) steps from the image's latents."""
-    _needs_channels(model, (4,), "img2img")
+            depths: list[torch.Tensor] | None = None, **sampling) -> list[Image.Image]:
+    """Each image re-rendered under its prompt: the last int(steps * strength) steps from the image's latents.
+    With `depths` (a depth model, 5 channels) the UNet also sees each depth map, normalised, at latent size."""
+    _needs_channels(model, (5,) if depths is not None else (4,), "depth2img" if depths is not None else "img2img")
     job = common.prepare(model, prompts, negatives, seeds, width=width, height=height, **sampling)
+    if depths is not None:
+        job.cond["concat"] = depth_condition(depths, (height // model.vae_scale, width // model.vae_scale), model.device)
     sigmas = common.strength_sigmas(job.sigmas, job.steps, strength)
     pixels = common.to_pixels([common.fit(im, width, height, resize_mode) for im in images], model.device)
     x0 = common.encode_image(model, pixels, job.noise)
