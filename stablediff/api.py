@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from stablediff.checkpoints import diffusers_folder as folder_fmt
 from stablediff.checkpoints import original
@@ -193,16 +193,41 @@ class StableDiffusion:
 
     def inpaint(self, image: Image.Image | str | Path, mask: Image.Image | str | Path, prompt: str | list[str],
                 negative_prompt: str | list[str] = "", *, strength: float = 1.0, fill: str = "original",
-                mask_blur: int = 4, invert_mask: bool = False, steps: int = 20, sampler: str = "DPM++ 2M Karras",
-                schedule: str | None = None, scale: float = 7.5, eta: float | None = None, width: int | None = None,
-                height: int | None = None, resize_mode: str = "just-resize", seed: int | list[int] | None = None,
-                batch_size: int = 1, callback: Callable | None = None) -> list[Image.Image]:
-        """Repaint where the mask is white (with a 9-channel inpainting model, or any ordinary one)."""
+                mask_blur: int = 4, invert_mask: bool = False, only_masked: bool = False, padding: int = 32,
+                steps: int = 20, sampler: str = "DPM++ 2M Karras", schedule: str | None = None, scale: float = 7.5,
+                eta: float | None = None, width: int | None = None, height: int | None = None,
+                resize_mode: str = "just-resize", seed: int | list[int] | None = None, batch_size: int = 1,
+                callback: Callable | None = None) -> list[Image.Image]:
+        """Repaint where the mask is white (with a 9-channel inpainting model, or any ordinary one). only_masked:
+        work on the mask's box plus `padding` pixels at the full size, then paste it back."""
         init = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
         mask_image = load_image(mask, "L") if isinstance(mask, (str, Path)) else mask.convert("L")
         prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
         w, h = width or init.width // 8 * 8, height or init.height // 8 * 8
-        return image_pipelines.inpaint(self, [init] * len(prompts), [mask_image] * len(prompts), prompts, negatives,
-                                       seeds, width=w, height=h, strength=strength, fill=fill, mask_blur=mask_blur,
-                                       invert_mask=invert_mask, resize_mode=resize_mode, callback=callback,
-                                       steps=steps, sampler=sampler, schedule=schedule, scale=scale, eta=eta)
+
+        def run(img, msk, **extra):
+            return image_pipelines.inpaint(self, [img] * len(prompts), [msk] * len(prompts), prompts, negatives, seeds,
+                                           width=w, height=h, strength=strength, fill=fill, mask_blur=mask_blur,
+                                           resize_mode=resize_mode, callback=callback, steps=steps, sampler=sampler,
+                                           schedule=schedule, scale=scale, eta=eta, **extra)
+        if not only_masked:
+            return run(init, mask_image, invert_mask=invert_mask)
+        base, mask_image = common_fit(init, w, h, resize_mode), common_fit(mask_image, w, h, resize_mode)
+        mask_image = ImageOps.invert(mask_image) if invert_mask else mask_image
+        return image_pipelines.only_masked(run, base, mask_image, padding, mask_blur)
+
+    def outpaint(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "",
+                 *, extend: tuple[int, int, int, int] = (0, 0, 0, 0), mask_blur: int = 8, fill: str = "original",
+                 steps: int = 20, sampler: str = "DPM++ 2M Karras", schedule: str | None = None, scale: float = 7.5,
+                 eta: float | None = None, seed: int | list[int] | None = None, batch_size: int = 1,
+                 callback: Callable | None = None) -> list[Image.Image]:
+        """The image on a canvas extended by (left, right, up, down) pixels, the new border painted to match;
+        the original pixels are kept exactly."""
+        init = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+        init = common_fit(init, init.width // 8 * 8, init.height // 8 * 8, "crop-and-resize")
+        canvas, mask = image_pipelines.outpaint_canvas(init, *extend)
+        prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
+        return image_pipelines.inpaint(self, [canvas] * len(prompts), [mask] * len(prompts), prompts, negatives, seeds,
+                                       width=canvas.width, height=canvas.height, fill=fill, mask_blur=mask_blur,
+                                       blur_inward=True, callback=callback, steps=steps, sampler=sampler,
+                                       schedule=schedule, scale=scale, eta=eta)

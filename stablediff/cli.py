@@ -112,6 +112,13 @@ def _add_commands(sub) -> None:
     p.add_argument("--mask-blur", type=int, default=4, help="blur radius of the mask's edge in pixels (4)")
     p.add_argument("--fill", default="original", choices=("original", "fill", "latent-noise", "latent-nothing"),
                    help="what an ordinary model starts from inside the mask (AUTOMATIC1111's masked content)")
+    p.add_argument("--only-masked", action="store_true", help="work on the mask's box at full size, then paste it back")
+    p.add_argument("--padding", type=int, default=32, help="pixels around the mask's box with --only-masked (32)")
+    p = _add_generation(sub, "outpaint", "extend an image's canvas and paint the new border",
+                        "Extend the canvas by left,right,up,down pixels and paint the new border to match the image.")
+    p.add_argument("--init-img", "--init_img", required=True, help="the image to extend")
+    p.add_argument("--extend", required=True, help="left,right,up,down in pixels, multiples of 8 (e.g. 0,128,0,0)")
+    p.add_argument("--mask-blur", type=int, default=8, help="how far the new border fades into the seam (8)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -210,6 +217,9 @@ def _render(model, args, images: dict, prompts: list[str], seeds: list[int], cal
     if args.command == "txt2img":
         return model.txt2img(prompts, args.negative_prompt, width=args.W or model.native_size,
                              height=args.H or model.native_size, **shared)
+    if args.command == "outpaint":
+        return model.outpaint(images["init"], prompts, args.negative_prompt, extend=args.extend_px,
+                              mask_blur=args.mask_blur, **shared)
     shared.update(width=args.W, height=args.H, strength=args.strength, resize_mode=args.resize_mode)
     if args.command == "img2img":
         return model.img2img(images["init"], prompts, args.negative_prompt, **shared)
@@ -217,7 +227,8 @@ def _render(model, args, images: dict, prompts: list[str], seeds: list[int], cal
         return model.depth2img(images["init"], prompts, args.negative_prompt, depth_map=images.get("depth"),
                                depth_model=args.depth_model, **shared)
     return model.inpaint(images["init"], images["mask"], prompts, args.negative_prompt, fill=args.fill,
-                         mask_blur=args.mask_blur, invert_mask=args.invert_mask, **shared)
+                         mask_blur=args.mask_blur, invert_mask=args.invert_mask, only_masked=args.only_masked,
+                         padding=args.padding, **shared)
 
 
 def generate(args) -> None:
@@ -232,6 +243,12 @@ def generate(args) -> None:
     args.sampler_key, args.schedule_key = parse_sampler("plms" if args.plms else "dpmpp_2m" if args.dpm else args.sampler,
                                                         args.schedule)
     images = {}
+    if args.command == "outpaint":
+        try:
+            args.extend_px = tuple(int(v) for v in args.extend.split(","))
+            assert len(args.extend_px) == 4
+        except (ValueError, AssertionError):
+            raise UserError(f"--extend {args.extend}: give four numbers, left,right,up,down (e.g. 0,128,0,0)") from None
     if args.command != "txt2img":  # read the images before the model, so a bad path fails fast
         images["init"] = load_image(args.init_img)
         if args.command == "inpaint":
@@ -250,7 +267,7 @@ def generate(args) -> None:
     samples_dir = outdir / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
     number = next_number(samples_dir, r"(\d{5})\.png")
-    steps = args.steps if args.command == "txt2img" else int(args.steps * args.strength)
+    steps = int(args.steps * args.strength) if hasattr(args, "strength") else args.steps
     made = []
     for batch_prompts, seeds in batches(prompts, args, seed):
         with tqdm(total=steps, unit="step", desc="sampling", leave=False) as bar:

@@ -227,3 +227,39 @@ def test_depth_estimation_without_transformers_says_what_to_install(monkeypatch)
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(UserError, match=r"pip install 'stablediff\[depth\]'"):
         estimate_depth([init_image()], "anywhere")
+
+
+def test_outpaint_keeps_the_original_exactly_and_fills_from_its_edges(ours, tmp_path):
+    from stablediff.pipelines.img2img import outpaint_canvas
+
+    canvas, mask = outpaint_canvas(init_image(), 16, 8, 0, 24)
+    border = np.asarray(canvas).astype(int)
+    assert abs(border[10, 2].mean() - border[10, 17].mean()) < 40  # edge colours, not grey or black
+    out = ours.outpaint(init_image(), "a cat", extend=(16, 8, 0, 24), steps=6, seed=1)[0]
+    assert out.size == (88, 88)
+    assert np.array_equal(np.asarray(out)[0:64, 16:80], np.asarray(init_image()))
+    with pytest.raises(UserError, match="multiples of 8"):
+        ours.outpaint(init_image(), "x", extend=(5, 0, 0, 0))
+    path = tmp_path / "init.png"
+    init_image().save(path)
+    assert cli.main(["outpaint", "x", "--init-img", str(path), "--extend", "0,16,8,0", "--model", str(tmp_path / "m"),
+                     "--outdir", str(tmp_path)]) == 2  # no such model: a one-line error, after the flags parsed
+
+
+def test_only_masked_touches_nothing_outside_its_box(ours, tiny_model_dir, tmp_path):
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (40, 40, 52, 52))
+    original = np.asarray(init_image()).astype(int)
+    got = np.asarray(ours.inpaint(init_image(), mask, "a cat", only_masked=True, padding=4, steps=6, seed=1)[0]).astype(int)
+    outside_box = np.ones((64, 64), bool)
+    outside_box[36:56, 36:56] = False
+    assert not (got - original)[outside_box].any()
+    assert np.abs(got - original)[42:50, 42:50].mean() > 10
+    init, mask_path = tmp_path / "init.png", tmp_path / "mask.png"
+    init_image().save(init)
+    mask.save(mask_path)
+    assert cli.main(["inpaint", "a cat", "--init-img", str(init), "--mask", str(mask_path), "--only-masked", "--padding",
+                     "4", "--model", str(tiny_model_dir), "--outdir", str(tmp_path / "out"), "--steps", "6", "--seed", "1",
+                     "--skip_grid"]) == 0
+    cli_image = np.asarray(Image.open(tmp_path / "out" / "samples" / "00000.png")).astype(int)
+    assert np.array_equal(cli_image, got)

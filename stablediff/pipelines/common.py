@@ -161,13 +161,14 @@ def fit(image: Image.Image, width: int, height: int, mode: str = "just-resize") 
         return resized.crop((left, top, left + width, top + height))
     if mode != "resize-and-fill":
         raise UserError(f"unknown resize mode {mode!r} (choose from {', '.join(RESIZE_MODES)})")
-    canvas = resized.resize((width, height), Image.NEAREST)  # edge pixels stretched out into the borders
+    canvas = Image.new(resized.mode, (width, height))
     left, top = (width - rw) // 2, (height - rh) // 2
-    canvas.paste(resized.resize((rw, rh)), (left, top))
-    return _stretch_edges(canvas, resized, left, top)
+    canvas.paste(resized, (left, top))
+    return stretch_edges(canvas, resized, left, top)
 
 
-def _stretch_edges(canvas: Image.Image, inner: Image.Image, left: int, top: int) -> Image.Image:
+def stretch_edges(canvas: Image.Image, inner: Image.Image, left: int, top: int) -> Image.Image:
+    """The canvas around `inner` (pasted at left, top) filled by repeating inner's edge rows and columns outward."""
     a = np.asarray(canvas).copy()
     b = np.asarray(inner)
     h, w = b.shape[:2]

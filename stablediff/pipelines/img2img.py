@@ -63,10 +63,11 @@ def paste_back(generated: list[Image.Image], originals: list[Image.Image], masks
 
 def inpaint(model, images: list[Image.Image], masks: list[Image.Image], prompts: list[str], negatives: list[str],
             seeds: list[int], *, width: int, height: int, strength: float = 1.0, fill: str = "original", mask_blur: int = 4,
-            invert_mask: bool = False, resize_mode: str = "just-resize", callback: Callable | None = None,
-            **sampling) -> list[Image.Image]:
+            invert_mask: bool = False, resize_mode: str = "just-resize", blur_inward: bool = False,
+            callback: Callable | None = None, **sampling) -> list[Image.Image]:
     """Repaint where the mask is white. A 9-channel inpainting model sees the mask and the masked image; an ordinary
-    model is held to the original outside the mask at every step. Pixels outside the blurred mask are the original's."""
+    model is held to the original outside the mask at every step. Pixels outside the blurred mask are the original's
+    (blur_inward: the blur only fades inside the mask, so everything outside it stays exact)."""
     _needs_channels(model, (4, 9), "inpainting")
     if fill not in FILLS:
         raise UserError(f"unknown masked-content fill {fill!r} (choose from {', '.join(FILLS)})")
@@ -79,6 +80,8 @@ def inpaint(model, images: list[Image.Image], masks: list[Image.Image], prompts:
     if not binary.any():
         raise UserError("the mask is empty: paint white where the image should change (or pass --invert-mask)")
     blurred = [m.filter(ImageFilter.GaussianBlur(mask_blur)) if mask_blur else m for m in masks]
+    if blur_inward:
+        blurred = [Image.fromarray(np.minimum(np.asarray(b), np.asarray(m))) for b, m in zip(blurred, masks)]
     pixels = common.to_pixels(originals, model.device)
     latent_size = (height // model.vae_scale, width // model.vae_scale)
     if model.unet.config.in_channels == 9:  # generator draws in diffusers' order: [image], noise, masked image
@@ -103,3 +106,38 @@ def inpaint(model, images: list[Image.Image], masks: list[Image.Image], prompts:
     extra = {"Denoising strength": f"{strength:g}", "Mask blur": mask_blur,
              **({"Masked content": fill} if model.unet.config.in_channels == 4 else {})}
     return common.annotate(model, job, images, extra)
+
+
+def outpaint_canvas(image: Image.Image, left: int, right: int, up: int, down: int) -> tuple[Image.Image, Image.Image]:
+    """The image on a larger canvas whose new border starts from the image's edge colours (stretched outward, then
+    softened), and the mask of that border."""
+    if min(left, right, up, down) < 0 or any(v % 8 for v in (left, right, up, down)) or not any((left, right, up, down)):
+        raise UserError(f"--extend {left},{right},{up},{down}: give left,right,up,down in pixels, multiples of 8, "
+                        "at least one above 0")
+    w, h = image.size
+    canvas = Image.new("RGB", (w + left + right, h + up + down))
+    canvas.paste(image, (left, up))
+    canvas = common.stretch_edges(canvas, image, left, up)
+    mask = Image.new("L", canvas.size, 255)
+    mask.paste(0, (left, up, left + w, up + h))
+    soft = canvas.filter(ImageFilter.GaussianBlur(max(left, right, up, down) / 4))
+    return Image.composite(soft, canvas, mask), mask
+
+
+def only_masked(run, image: Image.Image, mask: Image.Image, padding: int, mask_blur: int) -> list[Image.Image]:
+    """Inpaint just the mask's box (plus padding) at the full working size, then paste it back: `run(crop, crop_mask)`
+    renders the crops; nothing outside the box changes, and inside it only what the blurred mask covers."""
+    box = mask.point(lambda v: 255 if v >= 128 else 0).getbbox()
+    if box is None:
+        raise UserError("the mask is empty: paint white where the image should change (or pass --invert-mask)")
+    box = (max(box[0] - padding, 0), max(box[1] - padding, 0), min(box[2] + padding, image.width),
+           min(box[3] + padding, image.height))
+    size = (box[2] - box[0], box[3] - box[1])
+    blend = mask.crop(box).filter(ImageFilter.GaussianBlur(mask_blur)) if mask_blur else mask.crop(box)
+    outs = []
+    for rendered in run(image.crop(box).resize(image.size, Image.LANCZOS), mask.crop(box).resize(image.size, Image.NEAREST)):
+        out = image.copy()
+        out.paste(Image.composite(rendered.resize(size, Image.LANCZOS), image.crop(box), blend), box[:2])
+        out.info.update(rendered.info)
+        outs.append(out)
+    return outs
