@@ -26,6 +26,7 @@ from stablediff.pipelines.common import fit as common_fit
 from stablediff.pipelines.common import load_image
 from stablediff.pipelines.depth import depth_from_image, estimate_depth
 from stablediff.pipelines.txt2img import txt2img as run_txt2img
+from stablediff.pipelines.upscale import upscale as upscale_pipeline
 
 
 def _build(cls, cfg, sd, prefixes, what, dtype, device):
@@ -98,6 +99,7 @@ class StableDiffusion:
     family: str = "sd1"
     variant: str = "base"
     model_hash: str | None = None  # AUTOMATIC1111's short hash, when `stablediff info --hash` has cached it
+    low_res_schedule: TrainSchedule | None = None  # the x4 upscaler's noise augmentation of its input
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = None, *,
@@ -121,7 +123,8 @@ class StableDiffusion:
             schedule, native = replace(schedule, prediction="v" if is_v else "epsilon"), 768 if is_v else 512
         return cls(tokenizer=ClipTokenizer(spec.tokenizer_tables, pad_token=spec.pad_token, max_len=spec.clip.max_len),
                    schedule=schedule, name=spec.name, device=dev, dtype=dt, native_size=native, family=spec.family,
-                   variant=spec.variant, model_hash=cached_hash(path) if path.is_file() else None, **built)
+                   variant=spec.variant, model_hash=cached_hash(path) if path.is_file() else None,
+                   low_res_schedule=spec.low_res_schedule, **built)
 
     def __post_init__(self):
         self._denoiser = Denoiser(self.unet, self.schedule)
@@ -215,6 +218,16 @@ class StableDiffusion:
         base, mask_image = common_fit(init, w, h, resize_mode), common_fit(mask_image, w, h, resize_mode)
         mask_image = ImageOps.invert(mask_image) if invert_mask else mask_image
         return image_pipelines.only_masked(run, base, mask_image, padding, mask_blur)
+
+    def upscale(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
+                noise_level: int = 20, steps: int = 20, sampler: str = "DPM++ 2M Karras", schedule: str | None = None,
+                scale: float = 9.0, eta: float | None = None, seed: int | list[int] | None = None, batch_size: int = 1,
+                callback: Callable | None = None) -> list[Image.Image]:
+        """The image at 4x its size with the SD x4 upscaler; noise_level (0..350) trades fidelity for new detail."""
+        init = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+        prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
+        return upscale_pipeline(self, [init] * len(prompts), prompts, negatives, seeds, noise_level=noise_level,
+                                callback=callback, steps=steps, sampler=sampler, schedule=schedule, scale=scale, eta=eta)
 
     def outpaint(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "",
                  *, extend: tuple[int, int, int, int] = (0, 0, 0, 0), mask_blur: int = 8, fill: str = "original",

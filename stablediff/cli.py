@@ -114,6 +114,11 @@ def _add_commands(sub) -> None:
                    help="what an ordinary model starts from inside the mask (AUTOMATIC1111's masked content)")
     p.add_argument("--only-masked", action="store_true", help="work on the mask's box at full size, then paste it back")
     p.add_argument("--padding", type=int, default=32, help="pixels around the mask's box with --only-masked (32)")
+    p = _add_generation(sub, "upscale", "enlarge an image 4x with the SD x4 upscaler",
+                        "Enlarge an image 4x with the Stable Diffusion x4 upscaler, guided by a prompt.")
+    p.add_argument("--init-img", "--init_img", required=True, help="the image to enlarge")
+    p.add_argument("--noise-level", type=int, default=20, help="noise added to the input, 0..350: more = more new detail")
+    p.set_defaults(scale=9.0)
     p = _add_generation(sub, "outpaint", "extend an image's canvas and paint the new border",
                         "Extend the canvas by left,right,up,down pixels and paint the new border to match the image.")
     p.add_argument("--init-img", "--init_img", required=True, help="the image to extend")
@@ -217,6 +222,8 @@ def _render(model, args, images: dict, prompts: list[str], seeds: list[int], cal
     if args.command == "txt2img":
         return model.txt2img(prompts, args.negative_prompt, width=args.W or model.native_size,
                              height=args.H or model.native_size, **shared)
+    if args.command == "upscale":
+        return model.upscale(images["init"], prompts, args.negative_prompt, noise_level=args.noise_level, **shared)
     if args.command == "outpaint":
         return model.outpaint(images["init"], prompts, args.negative_prompt, extend=args.extend_px,
                               mask_blur=args.mask_blur, **shared)

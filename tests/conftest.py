@@ -102,6 +102,41 @@ def tiny_depth(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_upscaler(tmp_path_factory):
+    """A tiny x4 upscaler: 7-channel UNet with a noise-level class embedding, f=4 VAE, v-prediction."""
+    from diffusers import (AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionUpscalePipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(2)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=7, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=128,
+        attention_head_dim=(2, 4, 4), use_linear_projection=True, num_class_embeds=1000,
+        only_cross_attention=(False, True, False), norm_num_groups=32)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 64), latent_channels=4, layers_per_block=1, norm_num_groups=32,
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        scaling_factor=0.08333)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=37, max_position_embeddings=77, hidden_act="gelu"))
+    for m in (unet, vae, text):
+        _jitter_norms(m, gen)
+    tok = CLIPTokenizer(str(TABLES / "vocab.json"), str(TABLES / "merges.txt"), pad_token="!", model_max_length=77)
+    sched = PNDMScheduler.from_config(dict(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
+                                           clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True,
+                                           steps_offset=1, prediction_type="v_prediction"))
+    low = DDPMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear")
+    pipe = StableDiffusionUpscalePipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, low_res_scheduler=low,
+                                          scheduler=sched, max_noise_level=350)
+    pipe.set_progress_bar_config(disable=True)
+    path = tmp_path_factory.mktemp("models") / "tiny-x4"
+    pipe.save_pretrained(path)
+    return path, pipe
+
+
+@pytest.fixture(scope="session")
 def reference(tiny_model_dir):
     from diffusers import StableDiffusionPipeline
 

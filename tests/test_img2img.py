@@ -32,8 +32,9 @@ def run_reference(pipe, scheduler, config, **kw):
     if not hasattr(pipe, "base_scheduler_config"):
         pipe.base_scheduler_config = dict(pipe.scheduler.config)
     pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.base_scheduler_config, **config)
-    out = pipe("a photo of a cat", num_inference_steps=STEPS, guidance_scale=7.5, output_type="np",
-               generator=torch.Generator().manual_seed(3), **kw).images
+    kw.setdefault("guidance_scale", 7.5)
+    out = pipe("a photo of a cat", num_inference_steps=STEPS, output_type="np", generator=torch.Generator().manual_seed(3),
+               **kw).images
     return (out * 255).round().astype(np.uint8)
 
 
@@ -263,3 +264,30 @@ def test_only_masked_touches_nothing_outside_its_box(ours, tiny_model_dir, tmp_p
                      "--skip_grid"]) == 0
     cli_image = np.asarray(Image.open(tmp_path / "out" / "samples" / "00000.png")).astype(int)
     assert np.array_equal(cli_image, got)
+
+
+@pytest.mark.parametrize("sampler,schedule,scheduler,config", SAMPLERS, ids=[s[0] for s in SAMPLERS])
+def test_upscale_matches_diffusers(tiny_upscaler, sampler, schedule, scheduler, config):
+    path, pipe = tiny_upscaler
+    low = init_image(16)
+    expected = run_reference(pipe, scheduler, config, image=low, noise_level=40, guidance_scale=9.0)
+    model = StableDiffusion.load(path, device="cpu", dtype="fp32")
+    assert (model.variant, model.vae_scale, model.schedule.prediction) == ("upscaler", 4, "v")
+    got = model.upscale(low, "a photo of a cat", noise_level=40, steps=STEPS, sampler=sampler, schedule=schedule,
+                        scale=9.0, seed=3)
+    assert got[0].size == (64, 64)
+    assert_close(got, expected)
+
+
+def test_upscale_command_and_refusals(tiny_upscaler, ours, tmp_path):
+    path, _ = tiny_upscaler
+    init_image(16).save(tmp_path / "low.png")
+    assert cli.main(["upscale", "a cat", "--init-img", str(tmp_path / "low.png"), "--model", str(path), "--outdir",
+                     str(tmp_path / "out"), "--steps", "4", "--seed", "1", "--skip_grid", "--noise-level", "30"]) == 0
+    image = Image.open(tmp_path / "out" / "samples" / "00000.png")
+    assert image.size == (64, 64) and "Noise level: 30" in image.info["parameters"]
+    assert "CFG scale: 9," in image.info["parameters"]
+    with pytest.raises(UserError, match="upscale needs the SD x4 upscaler"):
+        ours.upscale(init_image(16), "x")
+    with pytest.raises(UserError, match="noise level 400 is outside 0..350"):
+        StableDiffusion.load(path, device="cpu").upscale(init_image(16), "x", noise_level=400)

@@ -113,6 +113,8 @@ def read(path: Path, unsafe_pickle: bool = False) -> ModelSpec:
     spec.native_size = unet_json.get("sample_size", 64) * 2 ** (len(spec.vae.ch_mult) - 1)
     spec.family = "sd2" if spec.clip.act == "gelu" else "sd1"
     spec.variant = {4: "base", 9: "inpainting", 5: "depth", 7: "upscaler"}.get(spec.unet.in_channels, "base")
+    if (path / "low_res_scheduler" / "scheduler_config.json").is_file():
+        spec.low_res_schedule = train_schedule(read_config(path, "low_res_scheduler", "scheduler_config.json"))
     maps = {"text_encoder": clip_prefixes(), "unet": unet_prefixes(spec.unet), "vae": vae_prefixes(spec.vae)}
     spec.weights = {part: (read_state_dict(weights_file(path, part), unsafe_pickle), maps[part]) for part in maps}
     return spec

@@ -112,4 +112,5 @@ def read(path: Path, config: str | Path | None = None, use_ema: bool = True, pre
                      name=path.stem, native_size=NATIVE.get((found.family, prediction), 512),
                      pad_token="!" if found.family == "sd2" else "<|endoftext|>", family=found.family,
                      variant=found.variant, prediction_known=prediction is not None,
-                     ema=use_ema if found.ema else None)
+                     ema=use_ema if found.ema else None,
+                     low_res_schedule=train_schedule(0.0001, 0.02) if found.variant == "upscaler" else None)

@@ -27,3 +27,4 @@ class ModelSpec:
     variant: str = "base"
     prediction_known: bool = True  # False: SD 2.x base weights, which do not say epsilon or v
     ema: bool | None = None  # the EMA weights were used (None: the source has none)
+    low_res_schedule: TrainSchedule | None = None  # x4 upscaler: how its low-res input is noised

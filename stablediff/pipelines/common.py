@@ -59,11 +59,11 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
 
-def noise_source(gens: list[torch.Generator], shape: tuple[int, ...], device) -> Callable[[], torch.Tensor]:
-    """Draws (B, *shape) standard normal noise, image i from its own CPU generator, so image i of a batch
-    equals the single image at seed + i and CPU and GPU start from the same numbers."""
-    def draw() -> torch.Tensor:
-        return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+def noise_source(gens: list[torch.Generator], shape: tuple[int, ...], device) -> Callable[..., torch.Tensor]:
+    """Draws (B, *shape) standard normal noise (or another per-image shape), image i from its own CPU generator,
+    so image i of a batch equals the single image at seed + i and CPU and GPU start from the same numbers."""
+    def draw(other: tuple[int, ...] | None = None) -> torch.Tensor:
+        return torch.stack([torch.randn(other or shape, generator=g) for g in gens]).to(device)
     return draw
 
 
