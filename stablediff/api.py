@@ -220,14 +220,16 @@ class StableDiffusion:
         return image_pipelines.only_masked(run, base, mask_image, padding, mask_blur)
 
     def upscale(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
-                noise_level: int = 20, steps: int = 20, sampler: str = "DPM++ 2M Karras", schedule: str | None = None,
-                scale: float = 9.0, eta: float | None = None, seed: int | list[int] | None = None, batch_size: int = 1,
+                noise_level: int = 20, tile: int = 128, overlap: int = 32, steps: int = 20,
+                sampler: str = "DPM++ 2M Karras", schedule: str | None = None, scale: float = 9.0,
+                eta: float | None = None, seed: int | list[int] | None = None, batch_size: int = 1,
                 callback: Callable | None = None) -> list[Image.Image]:
-        """The image at 4x its size with the SD x4 upscaler; noise_level (0..350) trades fidelity for new detail."""
+        """The image at 4x its size with the SD x4 upscaler; noise_level (0..350) trades fidelity for new detail.
+        Images larger than `tile` low-res pixels are upscaled in overlapping tiles, blended across `overlap`."""
         init = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
         prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
         return upscale_pipeline(self, [init] * len(prompts), prompts, negatives, seeds, noise_level=noise_level,
-                                callback=callback, steps=steps, sampler=sampler, schedule=schedule, scale=scale, eta=eta)
+                                tile=tile, overlap=overlap, callback=callback, steps=steps, sampler=sampler, schedule=schedule, scale=scale, eta=eta)
 
     def outpaint(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "",
                  *, extend: tuple[int, int, int, int] = (0, 0, 0, 0), mask_blur: int = 8, fill: str = "original",

@@ -118,6 +118,8 @@ def _add_commands(sub) -> None:
                         "Enlarge an image 4x with the Stable Diffusion x4 upscaler, guided by a prompt.")
     p.add_argument("--init-img", "--init_img", required=True, help="the image to enlarge")
     p.add_argument("--noise-level", type=int, default=20, help="noise added to the input, 0..350: more = more new detail")
+    p.add_argument("--tile", type=int, default=128, help="larger inputs go in tiles of this many low-res pixels (128)")
+    p.add_argument("--tile-overlap", type=int, default=32, help="overlap between tiles, blended (32)")
     p.set_defaults(scale=9.0)
     p = _add_generation(sub, "outpaint", "extend an image's canvas and paint the new border",
                         "Extend the canvas by left,right,up,down pixels and paint the new border to match the image.")
@@ -223,7 +225,8 @@ def _render(model, args, images: dict, prompts: list[str], seeds: list[int], cal
         return model.txt2img(prompts, args.negative_prompt, width=args.W or model.native_size,
                              height=args.H or model.native_size, **shared)
     if args.command == "upscale":
-        return model.upscale(images["init"], prompts, args.negative_prompt, noise_level=args.noise_level, **shared)
+        return model.upscale(images["init"], prompts, args.negative_prompt, noise_level=args.noise_level, tile=args.tile,
+                             overlap=args.tile_overlap, **shared)
     if args.command == "outpaint":
         return model.outpaint(images["init"], prompts, args.negative_prompt, extend=args.extend_px,
                               mask_blur=args.mask_blur, **shared)
@@ -260,6 +263,9 @@ def generate(args) -> None:
         images["init"] = load_image(args.init_img)
         if args.command == "inpaint":
             images["mask"] = load_image(args.mask, "L")
+            if images["mask"].size != images["init"].size:
+                print(f"note: the mask is {images['mask'].width}x{images['mask'].height} and the image "
+                      f"{images['init'].width}x{images['init'].height}; the mask is resized to fit", file=sys.stderr)
         if args.command == "depth2img" and args.depth_map:
             images["depth"] = load_image(args.depth_map, "F")
         elif args.command == "depth2img" and not args.depth_model:
