@@ -85,6 +85,15 @@ def probe_v_prediction(unet: UNet) -> bool:
     return (out.float() - x.float()).mean().item() < -1
 
 
+def _image(image: Image.Image | str | Path, mode: str = "RGB") -> Image.Image:
+    return load_image(image, mode) if isinstance(image, (str, Path)) else image.convert(mode)
+
+
+def _size(image: Image.Image, width: int | None, height: int | None) -> tuple[int, int]:
+    """The requested size, else the image's own rounded down to a multiple of 8."""
+    return width or image.width // 8 * 8, height or image.height // 8 * 8
+
+
 @dataclass
 class StableDiffusion:
     tokenizer: ClipTokenizer
@@ -165,9 +174,9 @@ class StableDiffusion:
                 callback: Callable | None = None) -> list[Image.Image]:
         """The image re-rendered under the prompt; strength 0 keeps it, 1 repaints it. Size: the image's own,
         rounded down to a multiple of 8, unless width/height say otherwise (then resize_mode applies)."""
-        init = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+        init = _image(image)
         prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
-        w, h = width or init.width // 8 * 8, height or init.height // 8 * 8
+        w, h = _size(init, width, height)
         return image_pipelines.img2img(self, [init] * len(prompts), prompts, negatives, seeds, strength=strength,
                                        width=w, height=h, resize_mode=resize_mode, callback=callback, steps=steps,
                                        sampler=sampler, schedule=schedule, scale=scale, eta=eta)
@@ -180,11 +189,11 @@ class StableDiffusion:
                   callback: Callable | None = None) -> list[Image.Image]:
         """img2img with an SD 2 depth model, keeping the scene's depth: from `depth_map` (an image, lighter or
         darker = nearer, any scale), or estimated by the DPT model folder `depth_model`."""
-        init = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+        init = _image(image)
         prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
-        w, h = width or init.width // 8 * 8, height or init.height // 8 * 8
+        w, h = _size(init, width, height)
         if depth_map is not None:
-            depth = depth_from_image(load_image(depth_map, "F") if isinstance(depth_map, (str, Path)) else depth_map)
+            depth = depth_from_image(_image(depth_map, "F"))
         elif depth_model is not None:
             depth = estimate_depth([common_fit(init, w, h, resize_mode)], depth_model)[0]
         else:
@@ -203,10 +212,10 @@ class StableDiffusion:
                 callback: Callable | None = None) -> list[Image.Image]:
         """Repaint where the mask is white (with a 9-channel inpainting model, or any ordinary one). only_masked:
         work on the mask's box plus `padding` pixels at the full size, then paste it back."""
-        init = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
-        mask_image = load_image(mask, "L") if isinstance(mask, (str, Path)) else mask.convert("L")
+        init = _image(image)
+        mask_image = _image(mask, "L")
         prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
-        w, h = width or init.width // 8 * 8, height or init.height // 8 * 8
+        w, h = _size(init, width, height)
 
         def run(img, msk, **extra):
             return image_pipelines.inpaint(self, [img] * len(prompts), [msk] * len(prompts), prompts, negatives, seeds,
@@ -226,7 +235,7 @@ class StableDiffusion:
                 callback: Callable | None = None) -> list[Image.Image]:
         """The image at 4x its size with the SD x4 upscaler; noise_level (0..350) trades fidelity for new detail.
         Images larger than `tile` low-res pixels are upscaled in overlapping tiles, blended across `overlap`."""
-        init = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+        init = _image(image)
         prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
         return upscale_pipeline(self, [init] * len(prompts), prompts, negatives, seeds, noise_level=noise_level,
                                 tile=tile, overlap=overlap, callback=callback, steps=steps, sampler=sampler, schedule=schedule, scale=scale, eta=eta)
@@ -238,8 +247,8 @@ class StableDiffusion:
                  callback: Callable | None = None) -> list[Image.Image]:
         """The image on a canvas extended by (left, right, up, down) pixels, the new border painted to match;
         the original pixels are kept exactly."""
-        init = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
-        init = common_fit(init, init.width // 8 * 8, init.height // 8 * 8, "crop-and-resize")
+        init = _image(image)
+        init = common_fit(init, *_size(init, None, None), "crop-and-resize")
         canvas, mask = image_pipelines.outpaint_canvas(init, *extend)
         prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
         return image_pipelines.inpaint(self, [canvas] * len(prompts), [mask] * len(prompts), prompts, negatives, seeds,
