@@ -10,6 +10,7 @@ from stablediff.diffusion.denoiser import Denoiser
 from stablediff.diffusion.guidance import CFGDenoiser
 from stablediff.diffusion.samplers import SAMPLERS, Sampler
 from stablediff.diffusion.schedules import SCHEDULES, inference_sigmas
+from stablediff import prompts as prompt_syntax
 from stablediff.errors import UserError
 from stablediff.pipelines.infotext import Params
 
@@ -46,13 +47,27 @@ def sampler_sigmas(denoiser: Denoiser, sched, sampler: Sampler, steps: int, sche
 
 
 def encode_text(model, prompts: list[str]) -> torch.Tensor:
-    """(B, 77, D) text states; each distinct prompt is encoded once."""
+    """(B, 77 * chunks, D) text states of prompts in AUTOMATIC1111's syntax; each distinct prompt encoded once,
+    shorter prompts padded with empty chunks to the longest."""
     unique = list(dict.fromkeys(prompts))
     with torch.no_grad():
-        ids = model.tokenizer(unique).to(model.device)
-        states = model.text_encoder(ids)
+        states = prompt_syntax.encode(model.text_encoder, model.tokenizer, unique, model.device)
     index = torch.tensor([unique.index(p) for p in prompts], device=states.device)
     return states[index]
+
+
+def match_chunks(model, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt and negative prompt states padded with empty chunks to the same length, for one batched call."""
+    if a.shape[1] == b.shape[1]:
+        return a, b
+    with torch.no_grad():
+        empty = prompt_syntax.encode(model.text_encoder, model.tokenizer, [""], model.device)
+    n = max(a.shape[1], b.shape[1]) // empty.shape[1]
+
+    def pad(s):
+        extra = n - s.shape[1] // empty.shape[1]
+        return torch.cat([s, empty.expand(s.shape[0], -1, -1).repeat(1, extra, 1)], dim=1) if extra else s
+    return pad(a), pad(b)
 
 
 def generators(seeds: list[int]) -> list[torch.Generator]:
@@ -100,7 +115,8 @@ def prepare(model, prompts: list[str], negatives: list[str], seeds: list[int], *
         raise UserError(f"steps must be at least 1 (got {steps})")
     key, schedule = parse_sampler(sampler, schedule)
     spec = SAMPLERS[key]
-    cond = {"context": encode_text(model, prompts), "uncond": encode_text(model, negatives)}
+    context, uncond = match_chunks(model, encode_text(model, prompts), encode_text(model, negatives))
+    cond = {"context": context, "uncond": uncond}
     f = model.vae_scale
     noise = noise_source(generators(seeds), (4, height // f, width // f), model.device)
     return Job(prompts, negatives, seeds, steps, key, spec, schedule,
