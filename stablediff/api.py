@@ -157,19 +157,20 @@ class StableDiffusion:
 
     def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int = 20,
                 sampler: str = "DPM++ 2M Karras", schedule: str | None = None, scale: float = 7.5,
-                eta: float | None = None, width: int | None = None, height: int | None = None,
+                eta: float | None = None, clip_skip: int = 1, width: int | None = None, height: int | None = None,
                 seed: int | list[int] | None = None, batch_size: int = 1,
                 callback: Callable | None = None) -> list[Image.Image]:
         """Images for a prompt (batch_size of them) or one per prompt in a list; image i uses seed + i (or
-        seed[i]). schedule None: the one in the sampler's name ("... Karras"), else the model's own."""
+        seed[i]). schedule None: the one in the sampler's name ("... Karras"), else the model's own. clip_skip:
+        1 uses the text encoder's usual layer, 2 the one before it (through the final layer norm), and so on."""
         prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
         return run_txt2img(self, prompts, negatives, seeds, steps=steps, sampler=sampler, schedule=schedule,
-                           scale=scale, eta=eta, width=width or self.native_size, height=height or self.native_size,
+                           scale=scale, eta=eta, clip_skip=clip_skip, width=width or self.native_size, height=height or self.native_size,
                            callback=callback)
 
     def img2img(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
                 strength: float = 0.75, steps: int = 20, sampler: str = "DPM++ 2M Karras", schedule: str | None = None,
-                scale: float = 7.5, eta: float | None = None, width: int | None = None, height: int | None = None,
+                scale: float = 7.5, eta: float | None = None, clip_skip: int = 1, width: int | None = None, height: int | None = None,
                 resize_mode: str = "just-resize", seed: int | list[int] | None = None, batch_size: int = 1,
                 callback: Callable | None = None) -> list[Image.Image]:
         """The image re-rendered under the prompt; strength 0 keeps it, 1 repaints it. Size: the image's own,
@@ -179,12 +180,12 @@ class StableDiffusion:
         w, h = _size(init, width, height)
         return image_pipelines.img2img(self, [init] * len(prompts), prompts, negatives, seeds, strength=strength,
                                        width=w, height=h, resize_mode=resize_mode, callback=callback, steps=steps,
-                                       sampler=sampler, schedule=schedule, scale=scale, eta=eta)
+                                       sampler=sampler, schedule=schedule, scale=scale, eta=eta, clip_skip=clip_skip)
 
     def depth2img(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "",
                   *, depth_map: Image.Image | str | Path | None = None, depth_model: str | Path | None = None,
                   strength: float = 0.8, steps: int = 20, sampler: str = "DPM++ 2M Karras", schedule: str | None = None,
-                  scale: float = 7.5, eta: float | None = None, width: int | None = None, height: int | None = None,
+                  scale: float = 7.5, eta: float | None = None, clip_skip: int = 1, width: int | None = None, height: int | None = None,
                   resize_mode: str = "just-resize", seed: int | list[int] | None = None, batch_size: int = 1,
                   callback: Callable | None = None) -> list[Image.Image]:
         """img2img with an SD 2 depth model, keeping the scene's depth: from `depth_map` (an image, lighter or
@@ -200,14 +201,14 @@ class StableDiffusion:
             raise UserError("depth2img needs a depth map (--depth-map IMG) or a DPT model to estimate one (--depth-model DIR)")
         return image_pipelines.img2img(self, [init] * len(prompts), prompts, negatives, seeds, strength=strength,
                                        width=w, height=h, resize_mode=resize_mode, callback=callback, steps=steps,
-                                       sampler=sampler, schedule=schedule, scale=scale, eta=eta,
+                                       sampler=sampler, schedule=schedule, scale=scale, eta=eta, clip_skip=clip_skip,
                                        depths=[depth] * len(prompts))
 
     def inpaint(self, image: Image.Image | str | Path, mask: Image.Image | str | Path, prompt: str | list[str],
                 negative_prompt: str | list[str] = "", *, strength: float = 1.0, fill: str = "original",
                 mask_blur: int = 4, invert_mask: bool = False, only_masked: bool = False, padding: int = 32,
                 steps: int = 20, sampler: str = "DPM++ 2M Karras", schedule: str | None = None, scale: float = 7.5,
-                eta: float | None = None, width: int | None = None, height: int | None = None,
+                eta: float | None = None, clip_skip: int = 1, width: int | None = None, height: int | None = None,
                 resize_mode: str = "just-resize", seed: int | list[int] | None = None, batch_size: int = 1,
                 callback: Callable | None = None) -> list[Image.Image]:
         """Repaint where the mask is white (with a 9-channel inpainting model, or any ordinary one). only_masked:
@@ -221,7 +222,7 @@ class StableDiffusion:
             return image_pipelines.inpaint(self, [img] * len(prompts), [msk] * len(prompts), prompts, negatives, seeds,
                                            width=w, height=h, strength=strength, fill=fill, mask_blur=mask_blur,
                                            resize_mode=resize_mode, callback=callback, steps=steps, sampler=sampler,
-                                           schedule=schedule, scale=scale, eta=eta, **extra)
+                                           schedule=schedule, scale=scale, eta=eta, clip_skip=clip_skip, **extra)
         if not only_masked:
             return run(init, mask_image, invert_mask=invert_mask)
         base, mask_image = common_fit(init, w, h, resize_mode), common_fit(mask_image, w, h, resize_mode)
@@ -231,19 +232,19 @@ class StableDiffusion:
     def upscale(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
                 noise_level: int = 20, tile: int = 128, overlap: int = 32, steps: int = 20,
                 sampler: str = "DPM++ 2M Karras", schedule: str | None = None, scale: float = 9.0,
-                eta: float | None = None, seed: int | list[int] | None = None, batch_size: int = 1,
+                eta: float | None = None, clip_skip: int = 1, seed: int | list[int] | None = None, batch_size: int = 1,
                 callback: Callable | None = None) -> list[Image.Image]:
         """The image at 4x its size with the SD x4 upscaler; noise_level (0..350) trades fidelity for new detail.
         Images larger than `tile` low-res pixels are upscaled in overlapping tiles, blended across `overlap`."""
         init = _image(image)
         prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
         return upscale_pipeline(self, [init] * len(prompts), prompts, negatives, seeds, noise_level=noise_level,
-                                tile=tile, overlap=overlap, callback=callback, steps=steps, sampler=sampler, schedule=schedule, scale=scale, eta=eta)
+                                tile=tile, overlap=overlap, callback=callback, steps=steps, sampler=sampler, schedule=schedule, scale=scale, eta=eta, clip_skip=clip_skip)
 
     def outpaint(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "",
                  *, extend: tuple[int, int, int, int] = (0, 0, 0, 0), mask_blur: int = 8, fill: str = "original",
                  steps: int = 20, sampler: str = "DPM++ 2M Karras", schedule: str | None = None, scale: float = 7.5,
-                 eta: float | None = None, seed: int | list[int] | None = None, batch_size: int = 1,
+                 eta: float | None = None, clip_skip: int = 1, seed: int | list[int] | None = None, batch_size: int = 1,
                  callback: Callable | None = None) -> list[Image.Image]:
         """The image on a canvas extended by (left, right, up, down) pixels, the new border painted to match;
         the original pixels are kept exactly."""
@@ -254,4 +255,4 @@ class StableDiffusion:
         return image_pipelines.inpaint(self, [canvas] * len(prompts), [mask] * len(prompts), prompts, negatives, seeds,
                                        width=canvas.width, height=canvas.height, fill=fill, mask_blur=mask_blur,
                                        blur_inward=True, callback=callback, steps=steps, sampler=sampler,
-                                       schedule=schedule, scale=scale, eta=eta)
+                                       schedule=schedule, scale=scale, eta=eta, clip_skip=clip_skip)

@@ -65,6 +65,7 @@ def _add_generation(sub, name: str, help_text: str, description: str):
                         "(default: the one in the sampler's name, else the model's own)")
     p.add_argument("--scale", "--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale (7.5)")
     p.add_argument("--ddim_eta", "--eta", type=float, default=None, help="noise of DDIM and ancestral samplers")
+    p.add_argument("--clip-skip", type=int, default=1, help="1: the text encoder's usual layer; 2: the one before, ...")
     size = "the model's size" if name == "txt2img" else "the init image's, rounded down to a multiple of 8"
     p.add_argument("--H", "--height", type=int, dest="H", help=f"image height in pixels (default: {size})")
     p.add_argument("--W", "--width", type=int, dest="W", help=f"image width in pixels (default: {size})")
@@ -220,7 +221,7 @@ def batches(prompts: list[str], args, seed: int):
 def _render(model, args, images: dict, prompts: list[str], seeds: list[int], callback):
     """One batch of the command's images."""
     shared = dict(seed=seeds, steps=args.steps, sampler=args.sampler_key, schedule=args.schedule_key, scale=args.scale,
-                  eta=args.ddim_eta, callback=callback)
+                  eta=args.ddim_eta, clip_skip=args.clip_skip, callback=callback)
     if args.command == "txt2img":
         return model.txt2img(prompts, args.negative_prompt, width=args.W or model.native_size,
                              height=args.H or model.native_size, **shared)

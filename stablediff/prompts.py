@@ -93,8 +93,10 @@ def chunks(tokenizer, text: str) -> list[tuple[list[int], list[float]]]:
     return done
 
 
-def encode(text_encoder, tokenizer, prompts: list[str], device) -> torch.Tensor:
-    """(B, 77 * chunks, D) states; every prompt padded with empty chunks to the longest one."""
+def encode(text_encoder, tokenizer, prompts: list[str], device, clip_skip: int = 1) -> torch.Tensor:
+    """(B, 77 * chunks, D) states; every prompt padded with empty chunks to the longest one. clip_skip 2 takes
+    the states one layer earlier than the model's usual one (through the final layer norm), and so on."""
+    skip = text_encoder.config.skip_layers + clip_skip - 1
     per_prompt = [chunks(tokenizer, p) for p in prompts]
     n = max(len(c) for c in per_prompt)
     empty = chunks(tokenizer, "")[0]
@@ -102,7 +104,7 @@ def encode(text_encoder, tokenizer, prompts: list[str], device) -> torch.Tensor:
     for prompt_chunks in per_prompt:
         states = []
         for ids, weights in prompt_chunks + [empty] * (n - len(prompt_chunks)):
-            z = text_encoder(torch.tensor([ids], device=device))
+            z = text_encoder(torch.tensor([ids], device=device), skip=skip)
             if any(w != 1.0 for w in weights):  # emphasis: scale by weight, then restore the mean
                 mean = z.float().mean()
                 z = z * torch.tensor(weights, device=device, dtype=z.dtype)[None, :, None]

@@ -81,3 +81,33 @@ def test_emphasis_restores_the_mean(ours):
         plain = encode(ours.text_encoder, ours.tokenizer, ["a red house"], "cpu")
         strong = encode(ours.text_encoder, ours.tokenizer, ["a red (house:1.5)"], "cpu")
     assert torch.allclose(plain.mean(), strong.mean(), atol=1e-5) and not torch.allclose(plain, strong)
+
+
+def penultimate(reference, text: str) -> torch.Tensor:
+    """The reference's states one layer before the last, through the final layer norm (what diffusers' clip_skip=1
+    computes; its own clip_skip path expects transformers 4's `text_model` attribute, absent in transformers 5)."""
+    ids = reference.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = reference.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        return reference.text_encoder.final_layer_norm(hidden)
+
+
+def test_clip_skip_2_is_the_penultimate_layer_through_the_final_norm(ours, reference):
+    from stablediff.prompts import encode
+
+    with torch.no_grad():
+        got = encode(ours.text_encoder, ours.tokenizer, ["a photo of a cat"], "cpu", clip_skip=2)
+    assert (got - penultimate(reference, "a photo of a cat")).abs().max() < 1e-4
+
+
+def test_clip_skip_image_matches_diffusers(ours, reference):
+    from test_txt2img_parity import LEADING, assert_close, reference_image
+
+    embeds = {"prompt_embeds": penultimate(reference, "a photo of a cat"), "negative_prompt_embeds": penultimate(reference, "")}
+    expected = reference_image(reference, "EulerDiscreteScheduler", LEADING, {}, prompt=None, **embeds)
+    got = ours.txt2img("a photo of a cat", steps=20, sampler="euler", schedule="default", seed=3, width=64, height=64,
+                       clip_skip=2)
+    assert_close(got, expected)
+    assert "Clip skip: 2" in got[0].info["parameters"]
+    with pytest.raises(Exception, match="clip skip 9 is not possible"):
+        ours.txt2img("x", clip_skip=9, width=64, height=64)

@@ -42,7 +42,7 @@ CASES = [
 
 
 def reference_image(pipe, scheduler: str, config: dict, call: dict, prompt="a photo of a cat", negative=None,
-                    seeds=(3,), size=(64, 64)) -> np.ndarray:
+                    seeds=(3,), size=(64, 64), **embeds) -> np.ndarray:
     import diffusers
 
     # always from the model's own scheduler config: from_config would carry options over from the last call
@@ -53,7 +53,7 @@ def reference_image(pipe, scheduler: str, config: dict, call: dict, prompt="a ph
         call = {**call, "timesteps": discrete_timesteps(STEPS, "leading", 1000, 1).astype(int).tolist()}
     out = pipe(prompt, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=7.5,
                generator=[torch.Generator().manual_seed(s) for s in seeds], num_images_per_prompt=len(seeds),
-               height=size[0], width=size[1], output_type="np", **call).images
+               height=size[0], width=size[1], output_type="np", **call, **embeds).images
     return (out * 255).round().astype(np.uint8)
 
 

@@ -46,22 +46,22 @@ def sampler_sigmas(denoiser: Denoiser, sched, sampler: Sampler, steps: int, sche
     return sigmas
 
 
-def encode_text(model, prompts: list[str]) -> torch.Tensor:
+def encode_text(model, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
     """(B, 77 * chunks, D) text states of prompts in AUTOMATIC1111's syntax; each distinct prompt encoded once,
     shorter prompts padded with empty chunks to the longest."""
     unique = list(dict.fromkeys(prompts))
     with torch.no_grad():
-        states = prompt_syntax.encode(model.text_encoder, model.tokenizer, unique, model.device)
+        states = prompt_syntax.encode(model.text_encoder, model.tokenizer, unique, model.device, clip_skip)
     index = torch.tensor([unique.index(p) for p in prompts], device=states.device)
     return states[index]
 
 
-def match_chunks(model, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def match_chunks(model, a: torch.Tensor, b: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt and negative prompt states padded with empty chunks to the same length, for one batched call."""
     if a.shape[1] == b.shape[1]:
         return a, b
     with torch.no_grad():
-        empty = prompt_syntax.encode(model.text_encoder, model.tokenizer, [""], model.device)
+        empty = prompt_syntax.encode(model.text_encoder, model.tokenizer, [""], model.device, clip_skip)
     n = max(a.shape[1], b.shape[1]) // empty.shape[1]
 
     def pad(s):
@@ -105,22 +105,28 @@ class Job:
     height: int
     cond: dict
     noise: Callable[[], torch.Tensor]
+    clip_skip: int = 1
 
 
 def prepare(model, prompts: list[str], negatives: list[str], seeds: list[int], *, steps: int, sampler: str,
-            schedule: str | None, scale: float, eta: float | None, width: int, height: int) -> Job:
+            schedule: str | None, scale: float, eta: float | None, width: int, height: int, clip_skip: int = 1) -> Job:
     """Check the request, pick the sigmas, encode the prompts and set up each image's noise."""
     check_size(width, height)
+    if clip_skip < 1 or clip_skip >= model.text_encoder.config.layers - model.text_encoder.config.skip_layers + 1:
+        raise UserError(f"clip skip {clip_skip} is not possible: 1 is the last layer, and this text encoder has "
+                        f"{model.text_encoder.config.layers - model.text_encoder.config.skip_layers} to choose from")
     if steps < 1:
         raise UserError(f"steps must be at least 1 (got {steps})")
     key, schedule = parse_sampler(sampler, schedule)
     spec = SAMPLERS[key]
-    context, uncond = match_chunks(model, encode_text(model, prompts), encode_text(model, negatives))
+    context, uncond = match_chunks(model, encode_text(model, prompts, clip_skip), encode_text(model, negatives, clip_skip),
+                                   clip_skip)
     cond = {"context": context, "uncond": uncond}
     f = model.vae_scale
     noise = noise_source(generators(seeds), (4, height // f, width // f), model.device)
     return Job(prompts, negatives, seeds, steps, key, spec, schedule,
-               sampler_sigmas(model.denoiser(), model.schedule, spec, steps, schedule), scale, eta, width, height, cond, noise)
+               sampler_sigmas(model.denoiser(), model.schedule, spec, steps, schedule), scale, eta, width, height, cond, noise,
+               clip_skip)
 
 
 def sample(model, job: Job, x: torch.Tensor, sigmas: torch.Tensor | None = None, wrap: Callable | None = None,
@@ -141,6 +147,8 @@ def annotate(model, job: Job, images: list[Image.Image], extra: dict | None = No
     extra = dict(extra or {})
     if job.eta is not None and job.spec.eta is not None and job.eta != job.spec.eta:
         extra["Eta"] = f"{job.eta:g}"
+    if job.clip_skip != 1:
+        extra = {"Clip skip": job.clip_skip, **extra}
     for image, prompt, negative, seed in zip(images, job.prompts, job.negatives, job.seeds):
         image.info["parameters"] = Params(prompt, negative, job.steps, job.spec.label, job.schedule, job.scale, seed,
                                           job.width, job.height, model.name, model.model_hash, extra).infotext()
