@@ -96,19 +96,15 @@ def chunks(tokenizer, text: str) -> list[tuple[list[int], list[float]]]:
 def encode(text_encoder, tokenizer, prompts: list[str], device, clip_skip: int = 1) -> torch.Tensor:
     """(B, 77 * chunks, D) states; every prompt padded with empty chunks to the longest one. clip_skip 2 takes
     the states one layer earlier than the model's usual one (through the final layer norm), and so on."""
-    skip = text_encoder.config.skip_layers + clip_skip - 1
     per_prompt = [chunks(tokenizer, p) for p in prompts]
     n = max(len(c) for c in per_prompt)
     empty = chunks(tokenizer, "")[0]
-    out = []
-    for prompt_chunks in per_prompt:
-        states = []
-        for ids, weights in prompt_chunks + [empty] * (n - len(prompt_chunks)):
-            z = text_encoder(torch.tensor([ids], device=device), skip=skip)
-            if any(w != 1.0 for w in weights):  # emphasis: scale by weight, then restore the mean
-                mean = z.float().mean()
-                z = z * torch.tensor(weights, device=device, dtype=z.dtype)[None, :, None]
-                z = z * (mean / z.float().mean()).to(z.dtype)
-            states.append(z)
-        out.append(torch.cat(states, dim=1))
-    return torch.cat(out)
+    flat = [c for prompt_chunks in per_prompt for c in prompt_chunks + [empty] * (n - len(prompt_chunks))]
+    z = text_encoder(torch.tensor([ids for ids, _ in flat], device=device), skip=text_encoder.config.skip_layers + clip_skip - 1)
+    z = list(z.unbind(0))  # one encoder call for every chunk of every prompt
+    for i, (_, weights) in enumerate(flat):
+        if any(w != 1.0 for w in weights):  # emphasis: scale by weight, then restore the chunk's mean
+            mean = z[i].float().mean()
+            z[i] = z[i] * torch.tensor(weights, device=device, dtype=z[i].dtype)[:, None]
+            z[i] = z[i] * (mean / z[i].float().mean()).to(z[i].dtype)
+    return torch.stack(z).reshape(len(prompts), n * z[0].shape[0], z[0].shape[-1])
