@@ -24,7 +24,7 @@ from stablediff.models.vae import AutoencoderKL
 from stablediff.pipelines import img2img as image_pipelines
 from stablediff.pipelines.common import fit as common_fit
 from stablediff.pipelines.common import load_image
-from stablediff.pipelines.depth import depth_from_image, estimate_depth
+from stablediff.pipelines.depth import NO_DEPTH_SOURCE, depth_from_image, estimate_depth
 from stablediff.pipelines.txt2img import txt2img as run_txt2img
 from stablediff.pipelines.upscale import upscale as upscale_pipeline
 
@@ -198,7 +198,7 @@ class StableDiffusion:
         elif depth_model is not None:
             depth = estimate_depth([common_fit(init, w, h, resize_mode)], depth_model)[0]
         else:
-            raise UserError("depth2img needs a depth map (--depth-map IMG) or a DPT model to estimate one (--depth-model DIR)")
+            raise UserError(NO_DEPTH_SOURCE)
         return image_pipelines.img2img(self, [init] * len(prompts), prompts, negatives, seeds, strength=strength,
                                        width=w, height=h, resize_mode=resize_mode, callback=callback, steps=steps,
                                        sampler=sampler, schedule=schedule, scale=scale, eta=eta, clip_skip=clip_skip,

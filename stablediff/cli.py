@@ -243,9 +243,10 @@ def _render(model, args, images: dict, prompts: list[str], seeds: list[int], cal
 
 
 def generate(args) -> None:
-    """txt2img, img2img and inpaint: batches, progress, numbered PNGs with their parameters, a grid."""
+    """Every image-making command: batches, progress, numbered PNGs with their parameters, a grid."""
     from tqdm import tqdm
 
+    from stablediff.pipelines.depth import NO_DEPTH_SOURCE
     from stablediff.api import StableDiffusion
     from stablediff.pipelines.common import load_image, parse_sampler
 
@@ -257,9 +258,10 @@ def generate(args) -> None:
     if args.command == "outpaint":
         try:
             args.extend_px = tuple(int(v) for v in args.extend.split(","))
-            assert len(args.extend_px) == 4
-        except (ValueError, AssertionError):
-            raise UserError(f"--extend {args.extend}: give four numbers, left,right,up,down (e.g. 0,128,0,0)") from None
+        except ValueError:
+            args.extend_px = ()
+        if len(args.extend_px) != 4:
+            raise UserError(f"--extend {args.extend}: give four numbers, left,right,up,down (e.g. 0,128,0,0)")
     if args.command != "txt2img":  # read the images before the model, so a bad path fails fast
         images["init"] = load_image(args.init_img)
         if args.command == "inpaint":
@@ -270,7 +272,7 @@ def generate(args) -> None:
         if args.command == "depth2img" and args.depth_map:
             images["depth"] = load_image(args.depth_map, "F")
         elif args.command == "depth2img" and not args.depth_model:
-            raise UserError("depth2img needs a depth map (--depth-map IMG) or a DPT model to estimate one (--depth-model DIR)")
+            raise UserError(NO_DEPTH_SOURCE)
     model = StableDiffusion.load(args.model, device=args.device, dtype="bf16" if args.bf16 else args.precision,
                                  **_load_kwargs(args))
     if args.f is not None and args.f != model.vae_scale:

@@ -95,7 +95,6 @@ class Job:
     negatives: list[str]
     seeds: list[int]
     steps: int
-    key: str
     spec: Sampler
     schedule: str
     sigmas: torch.Tensor  # on the CPU: samplers do their scalar math there (in float64, which MPS lacks)
@@ -112,9 +111,10 @@ def prepare(model, prompts: list[str], negatives: list[str], seeds: list[int], *
             schedule: str | None, scale: float, eta: float | None, width: int, height: int, clip_skip: int = 1) -> Job:
     """Check the request, pick the sigmas, encode the prompts and set up each image's noise."""
     check_size(width, height)
-    if clip_skip < 1 or clip_skip >= model.text_encoder.config.layers - model.text_encoder.config.skip_layers + 1:
+    usable = model.text_encoder.config.layers - model.text_encoder.config.skip_layers
+    if not 1 <= clip_skip <= usable:
         raise UserError(f"clip skip {clip_skip} is not possible: 1 is the last layer, and this text encoder has "
-                        f"{model.text_encoder.config.layers - model.text_encoder.config.skip_layers} to choose from")
+                        f"{usable} to choose from")
     if steps < 1:
         raise UserError(f"steps must be at least 1 (got {steps})")
     key, schedule = parse_sampler(sampler, schedule)
@@ -124,7 +124,7 @@ def prepare(model, prompts: list[str], negatives: list[str], seeds: list[int], *
     cond = {"context": context, "uncond": uncond}
     f = model.vae_scale
     noise = noise_source(generators(seeds), (4, height // f, width // f), model.device)
-    return Job(prompts, negatives, seeds, steps, key, spec, schedule,
+    return Job(prompts, negatives, seeds, steps, spec, schedule,
                sampler_sigmas(model.denoiser(), model.schedule, spec, steps, schedule), scale, eta, width, height, cond, noise,
                clip_skip)
 

@@ -8,6 +8,8 @@ from PIL import Image
 
 from stablediff.errors import UserError
 
+NO_DEPTH_SOURCE = "depth2img needs a depth map (--depth-map IMG) or a DPT model to estimate one (--depth-model DIR)"
+
 
 def depth_from_image(image: Image.Image) -> torch.Tensor:
     """(H, W) float depth from a depth-map image of any mode (8- or 16-bit grey, RGB luminance, float)."""

@@ -12,6 +12,7 @@ from stablediff.pipelines import common
 from stablediff.pipelines.depth import depth_condition
 
 FILLS = ("original", "fill", "latent-noise", "latent-nothing")
+EMPTY_MASK = "the mask is empty: paint white where the image should change (or pass --invert-mask)"
 
 
 def _needs_channels(model, channels: tuple[int, ...], what: str) -> None:
@@ -78,7 +79,7 @@ def inpaint(model, images: list[Image.Image], masks: list[Image.Image], prompts:
     masks = [ImageOps.invert(m) for m in masks] if invert_mask else masks
     binary = (_mask_tensor(masks, model.device) >= 0.5).float()
     if not binary.any():
-        raise UserError("the mask is empty: paint white where the image should change (or pass --invert-mask)")
+        raise UserError(EMPTY_MASK)
     blurred = [m.filter(ImageFilter.GaussianBlur(mask_blur)) if mask_blur else m for m in masks]
     if blur_inward:
         blurred = [Image.fromarray(np.minimum(np.asarray(b), np.asarray(m))) for b, m in zip(blurred, masks)]
@@ -129,7 +130,7 @@ def only_masked(run, image: Image.Image, mask: Image.Image, padding: int, mask_b
     renders the crops; nothing outside the box changes, and inside it only what the blurred mask covers."""
     box = mask.point(lambda v: 255 if v >= 128 else 0).getbbox()
     if box is None:
-        raise UserError("the mask is empty: paint white where the image should change (or pass --invert-mask)")
+        raise UserError(EMPTY_MASK)
     box = (max(box[0] - padding, 0), max(box[1] - padding, 0), min(box[2] + padding, image.width),
            min(box[3] + padding, image.height))
     size = (box[2] - box[0], box[3] - box[1])
