@@ -11,16 +11,14 @@ both sides find it in the page cache. Appends a table to BENCHMARKS.md.
 Needs the test extra (diffusers, transformers) and about 10 GB of disk and 12 GB of memory.
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from report import ROOT, append, machine
 
 # After loading, each child prints when it was ready, then reads every weight once (as the first sampling
 # step does: memory-mapped weights count toward RSS only once read) and prints its peak RSS (VmHWM).
@@ -121,12 +119,8 @@ def main() -> None:
 
 def write_report(rows, weights_gib: float, command: str) -> None:
     import diffusers
-    import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    lines = [f"\n## Load time and memory: stablediff vs diffusers `from_single_file` ({datetime.date.today()})\n",
-             f"Machine: {cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
-             f"Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}.",
+    lines = [f"Machine: {machine()}, diffusers {diffusers.__version__}.",
              f"Command: `{command}`. A full-size SD 1.5-shaped random checkpoint in the original layout, fp32, "
              f"{weights_gib:.2f} GiB of weights; each run a fresh process from start to ready-to-sample, fp32 on the CPU, "
              "file in the page cache; best of the runs. Peak RSS is taken after every weight has been read once, as the first "
@@ -135,9 +129,7 @@ def write_report(rows, weights_gib: float, command: str) -> None:
              "|---|---|---|---|---|---|---|"]
     for suffix, (t1, m1), (t2, m2) in rows:
         lines.append(f"| {suffix} | {t1:.1f} s | {t2:.1f} s | {t1 / t2:.2f}x | {m1:.2f} GiB | {m2:.2f} GiB | {m1 / weights_gib:.2f}x |")
-    with open(ROOT / "BENCHMARKS.md", "a", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    append("Load time and memory: stablediff vs diffusers `from_single_file`", lines)
 
 
 if __name__ == "__main__":

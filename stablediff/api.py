@@ -1,6 +1,7 @@
 """The Python API: `StableDiffusion.load(path)` then `.txt2img(...)`."""
 import random
 from dataclasses import dataclass, replace
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +28,10 @@ from stablediff.pipelines.common import load_image
 from stablediff.pipelines.depth import NO_DEPTH_SOURCE, depth_from_image, estimate_depth
 from stablediff.pipelines.txt2img import txt2img as run_txt2img
 from stablediff.pipelines.upscale import upscale as upscale_pipeline
+
+
+# the small model trained here on drawn shapes (stablediff train; see the README): the default model
+DEMO_MODEL = Path(str(resources.files("stablediff") / "data" / "demo" / "shapes-64.safetensors"))
 
 
 def _build(cls, cfg, sd, prefixes, what, dtype, device):
@@ -111,15 +116,16 @@ class StableDiffusion:
     low_res_schedule: TrainSchedule | None = None  # the x4 upscaler's noise augmentation of its input
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = None, *,
+    def load(cls, path: str | Path | None = None, device: str = "auto", dtype: str | torch.dtype | None = None, *,
              config: str | Path | None = None, vae: str | Path | None = None, use_ema: bool = True,
              prediction: str | None = None, unsafe_pickle: bool = False) -> "StableDiffusion":
-        """Load a .safetensors/.ckpt checkpoint or a diffusers folder onto `device` in `dtype` (fp32, fp16, bf16).
+        """Load a .safetensors/.ckpt checkpoint or a diffusers folder (None: the shipped demo model) onto `device`
+        in `dtype` (fp32, fp16, bf16).
 
         config: an original YAML (or preset name); vae: a separate VAE file; use_ema: prefer EMA weights;
         prediction: "epsilon" or "v" where the weights do not say; unsafe_pickle: the full unpickler.
         """
-        path = Path(path)
+        path = Path(path) if path is not None else DEMO_MODEL
         dev = resolve_device(device) if isinstance(device, str) else device
         dt = resolve_dtype(dtype, dev)
         spec = read_spec(path, config, use_ema, prediction, unsafe_pickle, vae)

@@ -54,7 +54,8 @@ def _add_generation(sub, name: str, help_text: str, description: str):
     p.add_argument("--prompt", help="the prompt")
     p.add_argument("--negative-prompt", "--negative_prompt", default="", help="what the image should not show")
     p.add_argument("--from-file", "--from_file", help="a text file with one prompt per line")
-    p.add_argument("--model", "--ckpt", help="a .safetensors/.ckpt checkpoint or a diffusers-layout folder")
+    p.add_argument("--model", "--ckpt", help="a .safetensors/.ckpt checkpoint or a diffusers-layout folder "
+                                            "(default: the small demo model that ships with stablediff)")
     p.add_argument("--outdir", default=f"outputs/{name}-samples", help="where samples/ and grids go")
     p.add_argument("--steps", "--ddim_steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--sampler", default="DPM++ 2M Karras", help=f"one of {SAMPLER_HELP} (default DPM++ 2M Karras)")
@@ -129,6 +130,37 @@ def _add_commands(sub) -> None:
     p.add_argument("--mask-blur", type=int, default=8, help="how far the new border fades into the seam (8)")
 
 
+def _add_train(sub) -> None:
+    from dataclasses import fields
+
+    from stablediff.train.settings import Settings
+
+    p = sub.add_parser("train", help="train a model of SD's architecture from scratch (the demo model's recipe)",
+                       description="Train the VAE, then the text encoder and UNet, on the drawn shapes dataset; "
+                                   "write one .safetensors in the original layout. Resumes from --work-dir.")
+    p.add_argument("out", help="the .safetensors file to write (must not exist)")
+    p.add_argument("--work-dir", help="checkpoints and cached latents, to resume from (default: OUT-work beside OUT)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    for f in fields(Settings):
+        choices = {"precision": ("auto", "bf16", "fp32"), "dtype": ("fp16", "bf16", "fp32")}.get(f.name)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, choices=choices,
+                       help=f"(default {f.default})")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval-demo", help="judge the demo model's pictures of held-out prompts by their pixels",
+                       description="Render held-out prompts and report per-attribute accuracy (background, colour, "
+                                   "shape, position, size) judged from the pixels.")
+    p.add_argument("--model", help="a model trained on the shapes (default: the shipped demo model)")
+    p.add_argument("--n", type=int, default=100, help="held-out prompts (100)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (20)")
+    p.add_argument("--sampler", default="DPM++ 2M", help="sampler (DPM++ 2M)")
+    p.add_argument("--scale", type=float, default=5.0, help="guidance scale (5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the first image (0)")
+    p.add_argument("--outdir", help="also write each image with its prompt and what was judged in the name")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="stablediff", allow_abbrev=False,
                                      description="Stable Diffusion on your own machine.")
@@ -136,6 +168,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     _add_commands(sub)
     _add_convert(sub)
     _add_info(sub)
+    _add_train(sub)
+    _add_eval(sub)
     return parser.parse_args(argv)
 
 
@@ -167,17 +201,12 @@ def save_png(image, path: Path, parameters: str | None) -> None:
     """Write atomically: a temporary file in the same folder, renamed into place once complete."""
     from PIL.PngImagePlugin import PngInfo
 
+    from stablediff.files import write_atomic
+
     info = PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def make_grid(images, per_row: int, pad: int = 2):
@@ -201,9 +230,6 @@ def _check_numbers(args) -> None:
             raise UserError(f"--{name} {value}: width and height must be positive multiples of 8")
     if args.C != 4:
         raise UserError(f"--C {args.C}: Stable Diffusion latents have 4 channels")
-    if args.model is None:
-        raise UserError("no model given: pass --model PATH, a .safetensors/.ckpt Stable Diffusion 1.x/2.x checkpoint "
-                        "or a diffusers-layout folder")
 
 
 def batches(prompts: list[str], args, seed: int):
@@ -323,16 +349,56 @@ def info(args) -> None:
     print(json.dumps(facts, indent=2))
 
 
+def train(args) -> None:
+    from dataclasses import fields
+
+    from stablediff.devices import resolve_device
+    from stablediff.train.recipe import train as run
+    from stablediff.train.settings import Settings
+
+    settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+    out = Path(args.out)
+    work = Path(args.work_dir) if args.work_dir else out.with_name(out.stem + "-work")
+    summary = run(settings, out, work, resolve_device(args.device))
+    loss = summary["diffusion_loss"][-100:]
+    print(f"wrote {out} (latent scale {summary['scale_factor']:.4f}; last 100 steps' mean loss "
+          f"{sum(loss) / max(1, len(loss)):.4f}; seconds: " +
+          ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()) + f"); checkpoints stay in {work}",
+          file=sys.stderr)
+
+
+def eval_demo(args) -> None:
+    from stablediff.api import StableDiffusion
+    from stablediff.demo.evaluate import ATTRIBUTES, evaluate
+
+    if args.n < 1 or args.steps < 1:
+        raise UserError("--n and --steps must be at least 1")
+    model = StableDiffusion.load(args.model, device=args.device)
+    result = evaluate(model, args.n, args.steps, args.sampler, args.scale, args.seed)
+    if args.outdir:
+        outdir = Path(args.outdir)
+        outdir.mkdir(parents=True, exist_ok=True)
+        for i, (image, prompt, judged) in enumerate(zip(result["images"], result["prompts"], result["judged"])):
+            seen = "-".join(str(judged[a]) for a in ATTRIBUTES[:4]).replace(" ", "_")
+            save_png(image, outdir / f"{i:03d}-{seen}.png", prompt)
+    print(f"{args.n} held-out prompts, {args.sampler}, {args.steps} steps, guidance {args.scale}:")
+    for name in ATTRIBUTES:
+        value = result["accuracy"][name]
+        print(f"  {name:<10} {'-' if value is None else f'{100 * value:.0f}%'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        commands = {"convert": convert, "info": info}
+        commands = {"convert": convert, "info": info, "train": train, "eval-demo": eval_demo}
         commands.get(args.command, generate)(args)
     except UserError as e:
         print(f"stablediff: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("stablediff: interrupted; finished images were kept, nothing half-written", file=sys.stderr)
+        kept = ("the last checkpoint was kept: run the same command to resume" if args.command == "train"
+                else "finished images were kept")
+        print(f"stablediff: interrupted; {kept}, nothing half-written", file=sys.stderr)
         return 130
     except MemoryError:
         print("stablediff: error: out of memory; try a smaller --H/--W or --n_samples", file=sys.stderr)

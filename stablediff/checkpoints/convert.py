@@ -18,8 +18,10 @@ from safetensors.torch import save_file
 
 from stablediff.checkpoints import detect as rules
 from stablediff.checkpoints.keymaps import hf_to_openclip, invert, rename, unet_prefixes, vae_prefixes
+from stablediff.checkpoints.original import CONFIG_KEY
 from stablediff.checkpoints.spec import ModelSpec
 from stablediff.errors import UserError
+from stablediff.files import default_mode, write_atomic
 from stablediff.models.tokenizer import default_tables
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -126,25 +128,23 @@ def write_diffusers(spec: ModelSpec, parts: dict, out: Path) -> None:
         (tok / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
         (tok / "tokenizer_config.json").write_text(json.dumps(
             {**special, "model_max_length": spec.clip.max_len, "tokenizer_class": "CLIPTokenizer"}, indent=2), encoding="utf-8")
+        os.chmod(tmp, default_mode(folder=True))
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def write_file(sd: dict[str, torch.Tensor], out: Path, fmt: str) -> None:
-    """Atomically: to a temporary name beside `out`, then renamed."""
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-", suffix=".tmp")
-    os.close(fd)
-    try:
+def write_file(sd: dict[str, torch.Tensor], out: Path, fmt: str, config_text: str | None = None) -> None:
+    """Atomically: to a temporary name beside `out`, then renamed. A .safetensors file carries the model's
+    original YAML config in its metadata, when it has one."""
+    def write(tmp):
         if fmt == "safetensors":
-            save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
+            save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata={CONFIG_KEY: config_text} if config_text else None)
         else:
             torch.save({"state_dict": sd}, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    write_atomic(out, write)
 
 
 def convert(spec: ModelSpec, out: Path, fmt: str | None = None, dtype: str | None = None) -> str:
@@ -163,7 +163,7 @@ def convert(spec: ModelSpec, out: Path, fmt: str | None = None, dtype: str | Non
     if fmt == "diffusers":
         write_diffusers(spec, parts, out)
     else:
-        write_file(to_original(spec, parts), out, fmt)
+        write_file(to_original(spec, parts), out, fmt, spec.config_text)
     return fmt
 
 

@@ -77,24 +77,40 @@ def _check_entry(path, name, info, start, data_size):
     return dtype, shape, end
 
 
+def _header(f, path: Path, size: int) -> tuple[dict, int]:
+    """The JSON header of an open .safetensors file and its length in bytes."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise _bad(path, "shorter than the 8-byte header length")
+    n = int.from_bytes(head, "little")
+    if n > MAX_HEADER:
+        raise _bad(path, f"the header claims {n} bytes (over 100 MB)")
+    if 8 + n > size:
+        raise _bad(path, f"the header claims {n} bytes, past the end of the {size}-byte file")
+    try:
+        header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _bad(path, f"the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _bad(path, "the header is not a JSON object")
+    return header, n
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The string-to-string `__metadata__` of a .safetensors header ({} when there is none)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        meta = _header(f, path, path.stat().st_size)[0].get("__metadata__") or {}
+    if not (isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+        raise _bad(path, "__metadata__ is not a mapping of strings to strings")
+    return meta
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a .safetensors file as views of a private memory map, after validating the header."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _bad(path, "shorter than the 8-byte header length")
-        n = int.from_bytes(head, "little")
-        if n > MAX_HEADER:
-            raise _bad(path, f"the header claims {n} bytes (over 100 MB)")
-        if 8 + n > size:
-            raise _bad(path, f"the header claims {n} bytes, past the end of the {size}-byte file")
-        try:
-            header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise _bad(path, f"the header is not valid JSON ({e})") from None
-        if not isinstance(header, dict):
-            raise _bad(path, "the header is not a JSON object")
+        header, n = _header(f, path, size)
         header.pop("__metadata__", None)
         data_size, start, layout = size - 8 - n, 0, []
         entries = sorted(header.items(), key=lambda kv: (kv[1].get("data_offsets") or [0])[0] if isinstance(kv[1], dict) else 0)

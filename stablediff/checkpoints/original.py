@@ -11,16 +11,19 @@ from pathlib import Path
 import yaml
 
 from stablediff.checkpoints import detect as rules
-from stablediff.checkpoints.io import read_state_dict
+from stablediff.checkpoints.io import read_metadata, read_state_dict
 from stablediff.checkpoints.keymaps import clip_prefixes, ema_key, openclip_to_hf
 from stablediff.checkpoints.spec import ModelSpec
 from stablediff.diffusion.schedules import TrainSchedule
 from stablediff.errors import UserError
+from stablediff.models.clip_text import ClipTextConfig
 from stablediff.models.unet import UNetConfig
 from stablediff.models.vae import VAEConfig
 
 PRESETS = ("v1-inference", "v1-inpainting-inference", "v2-inference", "v2-inference-v", "v2-midas-inference",
-           "x4-upscaling")
+           "x4-upscaling", "shapes-demo")
+CONFIG_KEY = "stablediff.config"  # safetensors metadata: the model's original YAML config
+TEXT_CONFIG_KEYS = ("width", "layers", "heads", "intermediate", "max_len", "act")
 NATIVE = {("sd1", "epsilon"): 512, ("sd2", "epsilon"): 512, ("sd2", "v"): 768}
 
 
@@ -28,8 +31,15 @@ def preset_path(name: str) -> Path:
     return Path(str(resources.files("stablediff") / "data" / "configs" / f"{name}.yaml"))
 
 
-def read_yaml(config: str | Path) -> dict:
-    """An original config file, or a shipped preset by name (e.g. v1-inference)."""
+def parse_yaml(text: str, where: str) -> dict:
+    try:
+        return yaml.safe_load(text)["model"]["params"]
+    except (yaml.YAMLError, KeyError, TypeError) as e:
+        raise UserError(f"{where}: not an original Stable Diffusion config (model.params missing or bad YAML: {e})") from None
+
+
+def config_text(config: str | Path) -> str:
+    """The text of an original config file, or of a shipped preset by name (e.g. v1-inference)."""
     path = Path(config)
     if not path.is_file():
         name = path.name.removesuffix(".yaml")
@@ -37,10 +47,24 @@ def read_yaml(config: str | Path) -> dict:
             raise UserError(f"config {config} not found (a .yaml file, or one of the presets: {', '.join(PRESETS)})")
         path = preset_path(name)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return data["model"]["params"]
-    except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not an original Stable Diffusion config (model.params missing or bad YAML: {e})") from None
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not an original Stable Diffusion config (not UTF-8 text)") from None
+
+
+def read_yaml(config: str | Path) -> dict:
+    return parse_yaml(config_text(config), str(config))
+
+
+def find_config(path: Path, config: str | Path | None) -> str | None:
+    """The YAML text that describes a checkpoint: --config, else a .yaml beside it, else the one a .safetensors
+    file carries in its metadata (stablediff writes one for models of sizes other than SD's, such as the demo
+    model); None when there is none and the shapes must tell."""
+    beside = path.with_suffix(".yaml")
+    config = config or (beside if beside.is_file() else None)
+    if config is not None:
+        return config_text(config)
+    return read_metadata(path).get(CONFIG_KEY) if path.suffix == ".safetensors" else None
 
 
 def unet_from_yaml(p: dict) -> UNetConfig:
@@ -59,19 +83,31 @@ def unet_from_yaml(p: dict) -> UNetConfig:
                       cross_only=tuple(bool(d) for d in disable))
 
 
-def apply_yaml(found: rules.Detected, params: dict) -> tuple[rules.Detected, TrainSchedule, str]:
-    """The YAML decides architecture, schedule and prediction; returns (detected, schedule, prediction)."""
+def vae_from_yaml(params: dict) -> VAEConfig:
     dd = params["first_stage_config"]["params"]["ddconfig"]
-    vae = VAEConfig(ch=dd.get("ch", 128), ch_mult=tuple(dd.get("ch_mult", (1, 2, 4, 4))),
-                    num_res_blocks=dd.get("num_res_blocks", 2), in_channels=dd.get("in_channels", 3),
-                    z_channels=dd.get("z_channels", 4), scaling_factor=params.get("scale_factor", 0.18215))
-    cond = params.get("cond_stage_config", {})
-    skip = {"last": 0, "penultimate": 1}.get((cond.get("params") or {}).get("layer", "last"), 0)
+    return VAEConfig(ch=dd.get("ch", 128), ch_mult=tuple(dd.get("ch_mult", (1, 2, 4, 4))),
+                     num_res_blocks=dd.get("num_res_blocks", 2), in_channels=dd.get("in_channels", 3),
+                     z_channels=dd.get("z_channels", 4), scaling_factor=params.get("scale_factor", 0.18215))
+
+
+def clip_from_yaml(params: dict, base: ClipTextConfig) -> ClipTextConfig:
+    """The text encoder: `base` (what the shapes say), with the layer the UNet reads and, under our own key
+    `text_config`, sizes for a text encoder other than CLIP ViT-L/14 or OpenCLIP ViT-H/14 (the demo model)."""
+    cond = params.get("cond_stage_config", {}).get("params") or {}
+    skip = {"last": 0, "penultimate": 1}.get(cond.get("layer", "last"), 0)
+    sizes = {k: v for k, v in (cond.get("text_config") or {}).items() if k in TEXT_CONFIG_KEYS}
+    return replace(base, skip_layers=skip, **sizes)
+
+
+def apply_yaml(found: rules.Detected, params: dict) -> tuple[rules.Detected, TrainSchedule, str, int]:
+    """The YAML decides architecture, schedule, prediction and native size."""
+    vae = vae_from_yaml(params)
     found = replace(found, unet=unet_from_yaml(params["unet_config"]["params"]), vae=vae,
-                    clip=replace(found.clip, skip_layers=skip))
+                    clip=clip_from_yaml(params, found.clip))
     prediction = "v" if params.get("parameterization", "eps") == "v" else "epsilon"
+    native = params.get("image_size", 64) * 2 ** (len(vae.ch_mult) - 1)
     return found, train_schedule(params.get("linear_start", 0.00085), params.get("linear_end", 0.012),
-                                 params.get("timesteps", 1000), prediction), prediction
+                                 params.get("timesteps", 1000), prediction), prediction, native
 
 
 def train_schedule(start=0.00085, end=0.012, steps=1000, prediction="epsilon") -> TrainSchedule:
@@ -88,10 +124,10 @@ def read(path: Path, config: str | Path | None = None, use_ema: bool = True, pre
          unsafe_pickle: bool = False) -> ModelSpec:
     sd = read_state_dict(path, unsafe_pickle)
     found = rules.detect({k: tuple(v.shape) for k, v in sd.items()}, str(path))
-    beside = path.with_suffix(".yaml")
-    config = config or (beside if beside.is_file() else None)
-    if config is not None:
-        found, schedule, from_yaml = apply_yaml(found, read_yaml(config))
+    text = find_config(path, config)
+    native = None
+    if text is not None:
+        found, schedule, from_yaml, native = apply_yaml(found, parse_yaml(text, str(config or path)))
         prediction = prediction or from_yaml
     else:
         prediction = prediction or found.prediction
@@ -109,8 +145,9 @@ def read(path: Path, config: str | Path | None = None, use_ema: bool = True, pre
     return ModelSpec(unet=found.unet, vae=found.vae, clip=found.clip, schedule=schedule,
                      weights={"text_encoder": clip, "unet": (ema if use_ema else unet, []),
                               "vae": ({k: v for k, v in _strip(sd, rules.VAE).items() if not k.startswith("loss.")}, [])},
-                     name=path.stem, native_size=NATIVE.get((found.family, prediction), 512),
+                     name=path.stem, native_size=native or NATIVE.get((found.family, prediction), 512),
                      pad_token="!" if found.family == "sd2" else "<|endoftext|>", family=found.family,
                      variant=found.variant, prediction_known=prediction is not None,
                      ema=use_ema if found.ema else None,
-                     low_res_schedule=train_schedule(0.0001, 0.02) if found.variant == "upscaler" else None)
+                     low_res_schedule=train_schedule(0.0001, 0.02) if found.variant == "upscaler" else None,
+                     config_text=text)

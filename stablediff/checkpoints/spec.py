@@ -28,3 +28,4 @@ class ModelSpec:
     prediction_known: bool = True  # False: SD 2.x base weights, which do not say epsilon or v
     ema: bool | None = None  # the EMA weights were used (None: the source has none)
     low_res_schedule: TrainSchedule | None = None  # x4 upscaler: how its low-res input is noised
+    config_text: str | None = None  # the original YAML config used, carried into files written from this spec

@@ -1,0 +1,140 @@
+"""What every training run shares: AdamW with warm-up and cosine decay, EMA weights, bf16 autocast where the
+hardware does bf16 matrix work natively, checkpoints to resume from (written atomically, read back with
+the weights-only unpickler), and a progress bar with the loss.
+
+A run is deterministic in its step number: the loss function draws its data and noise from a generator
+seeded by the step, so a resumed run continues exactly where the checkpoint left it.
+"""
+import contextlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from stablediff.errors import UserError
+from stablediff.files import write_atomic
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether bf16 matrix products run in hardware (CUDA with bf16; CPUs with AVX512-BF16 or AMX). Elsewhere
+    bf16 is emulated and far slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast for precision "bf16", or "auto" where bf16 is native; else full precision."""
+    if precision == "bf16" or (precision == "auto" and bf16_native(device)):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class EMA:
+    """An exponential moving average of a module's floating-point weights, in fp32, with the usual warm-up
+    (the decay grows as (1 + step) / (10 + step) until it reaches `decay`)."""
+
+    def __init__(self, module: nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        keep = min(self.decay, (1 + step) / (10 + step))
+        for k, v in module.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.float(), 1 - keep)
+
+    def weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The module's state dict with the averaged weights in place of the raw ones."""
+        return {k: self.shadow.get(k, v).to(v.dtype) for k, v in module.state_dict().items()}
+
+
+def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to `floor` of the base rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    done = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which and how to start over
+        raise UserError(f"{path}: not a readable training checkpoint ({str(e).splitlines()[0][:160]}); "
+                        "delete it to start this stage over") from None
+
+
+@dataclass
+class Run:
+    """One training stage: the modules it trains, for how many steps, and where it checkpoints."""
+
+    name: str
+    modules: dict[str, nn.Module]
+    steps: int
+    lr: float
+    checkpoint: Path | None = None
+    warmup: int = 100
+    ema_decay: float = 0.999
+    every: int = 200  # steps between checkpoints
+    clip_grad: float = 1.0
+    losses: list[float] = field(default_factory=list)
+
+    def train(self, loss_fn: Callable[[int], torch.Tensor], progress: bool = True) -> dict[str, EMA]:
+        """Run loss_fn(step) -> loss from the checkpoint's step (or 0) to `steps`; returns each module's EMA."""
+        from tqdm import tqdm
+
+        params = [p for m in self.modules.values() for p in m.parameters()]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, self.steps, self.warmup))
+        emas = {name: EMA(m, self.ema_decay) for name, m in self.modules.items()}
+        start = 0
+        if self.checkpoint is not None and self.checkpoint.is_file():
+            state = load_checkpoint(self.checkpoint)
+            for name, m in self.modules.items():
+                m.load_state_dict(state["modules"][name])
+                emas[name].shadow = state["ema"][name]
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["schedule"])
+            start, self.losses = state["step"], list(state["losses"])
+
+        def save(step):
+            if self.checkpoint is not None:
+                state = {"step": step, "losses": self.losses, "optimizer": opt.state_dict(),
+                         "schedule": sched.state_dict(), "modules": {n: m.state_dict() for n, m in self.modules.items()},
+                         "ema": {n: e.shadow for n, e in emas.items()}}
+                write_atomic(self.checkpoint, lambda tmp: torch.save(state, tmp))
+
+        for m in self.modules.values():
+            m.train().requires_grad_(True)
+        bar = tqdm(total=self.steps, initial=start, desc=self.name, unit="step", disable=not progress)
+        try:  # Ctrl-C leaves the last checkpoint as it was: resuming repeats at most `every` steps, exactly
+            for step in range(start, self.steps):
+                loss = loss_fn(step)
+                if not torch.isfinite(loss):
+                    raise UserError(f"{self.name}: the loss became {loss.item()} at step {step}; "
+                                    "lower the learning rate (--lr) and resume")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+                opt.step()
+                sched.step()
+                for name, m in self.modules.items():
+                    emas[name].update(m, step)
+                self.losses.append(loss.item())
+                recent = self.losses[-50:]
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+                if (step + 1) % self.every == 0 or step + 1 == self.steps:
+                    save(step + 1)
+        finally:
+            bar.close()
+        for m in self.modules.values():
+            m.eval().requires_grad_(False)
+        return emas

@@ -1,0 +1,50 @@
+"""Training losses, for any model of SD's architecture: the autoencoder's, and latent diffusion's."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stablediff.diffusion.schedules import TrainSchedule
+from stablediff.models.unet import ResBlock, SpatialTransformer, UNet
+
+
+def init_fresh(module: nn.Module) -> nn.Module:
+    """Initialise a model built for training from scratch: embeddings as CLIP's (normal, std 0.02; our
+    modules skip that init because checkpoints overwrite it), and the UNet's residual outputs at zero, as
+    CompVis' zero_module does, so each block starts as the identity."""
+    for m in module.modules():
+        if isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+        zero = []
+        if isinstance(m, ResBlock):
+            zero = [m.out_layers[-1]]
+        elif isinstance(m, SpatialTransformer):
+            zero = [m.proj_out]
+        elif isinstance(m, UNet):
+            zero = [m.out[-1]]
+        for layer in zero:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    return module
+
+
+def vae_loss(vae, images: torch.Tensor, generator: torch.Generator, kl_weight: float = 1e-5) -> torch.Tensor:
+    """L1 + L2 reconstruction of images in [-1, 1] from a posterior sample, plus a small KL to N(0, 1)."""
+    mean, logvar = vae.encode(images)
+    noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean)
+    recon = vae.decode(mean + (0.5 * logvar).exp() * noise).float()
+    kl = 0.5 * (mean.float().square() + logvar.float().exp() - 1 - logvar.float()).mean()
+    return (recon - images).abs().mean() + (recon - images).square().mean() + kl_weight * kl
+
+
+def diffusion_loss(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, schedule: TrainSchedule,
+                   generator: torch.Generator) -> torch.Tensor:
+    """The noise-prediction (or v) loss at timesteps drawn uniformly from the discrete training schedule.
+    latents: scaled latents (B,4,h,w); ids: (B,77) token ids of the captions."""
+    b = latents.shape[0]
+    t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator, device=generator.device)
+    a = schedule.alphas_cumprod().float()[t].to(latents.device)[:, None, None, None]
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents)
+    x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
+    target = noise if schedule.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
+    pred = unet(x_t.contiguous(memory_format=torch.channels_last), t.float().to(latents.device), text_encoder(ids))
+    return F.mse_loss(pred.float(), target.float())

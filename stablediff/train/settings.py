@@ -1,0 +1,26 @@
+"""The settings of a `stablediff train` run (no torch import: the command line reads them for --help)."""
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    config: str = "shapes-demo"
+    data: str = "shapes"
+    images: int = 20000  # pictures in the dataset
+    vae_steps: int = 2000
+    vae_batch: int = 16
+    vae_crop: int = 32  # crop side for the first 80% of VAE steps (whole pictures after)
+    vae_lr: float = 1e-3
+    steps: int = 4000  # text encoder + UNet
+    batch: int = 32
+    lr: float = 5e-4
+    warmup: int = 100  # steps of linear learning-rate warm-up, in each stage
+    drop_caption: float = 0.1
+    seed: int = 0
+    precision: str = "auto"  # bf16 autocast where bf16 is native (auto), always (bf16) or never (fp32)
+    dtype: str = "fp16"  # of the weights written
+
+    def command(self) -> str:
+        """The `stablediff train` command line that reproduces these settings."""
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(self).items() if v != getattr(Settings, k))
+        return f"stablediff train OUT.safetensors {flags}".strip()
