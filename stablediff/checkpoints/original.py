@@ -104,10 +104,15 @@ def apply_yaml(found: rules.Detected, params: dict) -> tuple[rules.Detected, Tra
     vae = vae_from_yaml(params)
     found = replace(found, unet=unet_from_yaml(params["unet_config"]["params"]), vae=vae,
                     clip=clip_from_yaml(params, found.clip))
-    prediction = "v" if params.get("parameterization", "eps") == "v" else "epsilon"
+    schedule = schedule_from_yaml(params)
     native = params.get("image_size", 64) * 2 ** (len(vae.ch_mult) - 1)
-    return found, train_schedule(params.get("linear_start", 0.00085), params.get("linear_end", 0.012),
-                                 params.get("timesteps", 1000), prediction), prediction, native
+    return found, schedule, schedule.prediction, native
+
+
+def schedule_from_yaml(params: dict) -> TrainSchedule:
+    prediction = "v" if params.get("parameterization", "eps") == "v" else "epsilon"
+    return train_schedule(params.get("linear_start", 0.00085), params.get("linear_end", 0.012),
+                          params.get("timesteps", 1000), prediction)
 
 
 def train_schedule(start=0.00085, end=0.012, steps=1000, prediction="epsilon") -> TrainSchedule:

@@ -20,8 +20,8 @@ import torch
 
 from stablediff import prompts
 from stablediff.checkpoints.convert import convert
-from stablediff.checkpoints.original import (clip_from_yaml, config_text, parse_yaml, train_schedule, unet_from_yaml,
-                                             vae_from_yaml)
+from stablediff.checkpoints.original import (clip_from_yaml, config_text, parse_yaml, schedule_from_yaml,
+                                             unet_from_yaml, vae_from_yaml)
 from stablediff.checkpoints.spec import ModelSpec
 from stablediff.errors import UserError
 from stablediff.files import write_atomic
@@ -147,8 +147,7 @@ def train(settings: Settings, out: Path, work: Path, device: torch.device, progr
     work.mkdir(parents=True, exist_ok=True)
     text = config_text(settings.config)
     params = parse_yaml(text, settings.config)
-    schedule = train_schedule(params.get("linear_start", 0.00085), params.get("linear_end", 0.012),
-                              params.get("timesteps", 1000), "v" if params.get("parameterization") == "v" else "epsilon")
+    schedule = schedule_from_yaml(params)
     unet_cfg, vae_cfg = unet_from_yaml(params["unet_config"]["params"]), vae_from_yaml(params)
     clip_cfg = clip_from_yaml(params, ClipTextConfig())
     torch.manual_seed(settings.seed)
