@@ -12,13 +12,12 @@ Needs the test extra (diffusers, transformers) and about 10 GB of disk and 12 GB
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from report import ROOT, append, machine
+from report import append, machine
 
 # After loading, each child prints when it was ready, then reads every weight once (as the first sampling
 # step does: memory-mapped weights count toward RSS only once read) and prints its peak RSS (VmHWM).

@@ -1,10 +1,8 @@
 """The `stablediff` command. The only module that reads argv; CompVis' flag spellings are accepted."""
 import argparse
-import os
 import random
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 from stablediff.errors import UserError

@@ -6,7 +6,6 @@ standard normal tensor shaped like x (from the images' own generators), and `cal
 called once per step. Sigmas are in the variance-exploding parametrisation x = x0 + sigma * eps, and live on the CPU: their
 0-dim entries act as scalars on any device.
 """
-import math
 from dataclasses import dataclass
 from typing import Callable
 

@@ -15,7 +15,6 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from stablediff import prompts
@@ -29,6 +28,7 @@ from stablediff.models.clip_text import ClipTextConfig, ClipTextModel
 from stablediff.models.tokenizer import ClipTokenizer
 from stablediff.models.unet import UNet
 from stablediff.models.vae import AutoencoderKL
+from stablediff.pipelines.common import to_pixels
 from stablediff.train.loop import Run, autocast, bf16_native
 from stablediff.train.objectives import diffusion_loss, init_fresh, vae_loss
 from stablediff.train.settings import Settings
@@ -42,14 +42,13 @@ def dataset(settings: Settings):
     return ShapesDataset(settings.images, settings.seed)
 
 
-def to_tensor(images) -> torch.Tensor:
-    """PIL RGB images -> (B,3,H,W) in [-1, 1]."""
-    a = np.stack([np.asarray(im, dtype=np.float32) for im in images])
-    return torch.from_numpy(a).permute(0, 3, 1, 2) / 127.5 - 1
+def _step_seed(seed: int, step: int) -> int:
+    """Each step's data and noise come from its own seed, so a resumed run repeats them exactly."""
+    return seed * 1_000_003 + step
 
 
 def _generator(seed: int, step: int, device) -> torch.Generator:
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+    return torch.Generator(device).manual_seed(_step_seed(seed, step))
 
 
 def detailed_crops(x: torch.Tensor, size: int, rng: random.Random, candidates: int = 4) -> torch.Tensor:
@@ -69,8 +68,8 @@ def train_vae(vae, data, settings: Settings, work: Path, device, progress: bool)
     crop_until = int(settings.vae_steps * 0.8)
 
     def loss(step):
-        rng = random.Random(settings.seed * 1_000_003 + step)
-        x = to_tensor([data.image(rng.randrange(len(data))) for _ in range(settings.vae_batch)]).to(device)
+        rng = random.Random(_step_seed(settings.seed, step))
+        x = to_pixels([data.image(rng.randrange(len(data))) for _ in range(settings.vae_batch)], device)
         if step < crop_until and settings.vae_crop < x.shape[-1]:
             x = detailed_crops(x, settings.vae_crop, rng)
         with autocast(device, settings.precision):
@@ -92,7 +91,7 @@ def encode_dataset(vae, data, settings: Settings, work: Path, device, batch: int
             return saved["mean"], saved["std"]
     means, stds = [], []
     for start in range(0, len(data), batch):
-        x = to_tensor([data.image(i) for i in range(start, min(start + batch, len(data)))]).to(device)
+        x = to_pixels([data.image(i) for i in range(start, min(start + batch, len(data)))], device)
         mean, logvar = vae.encode(x)
         means.append(mean.float().cpu()), stds.append((0.5 * logvar.float()).exp().cpu())
     mean, std = torch.cat(means), torch.cat(stds)
@@ -113,7 +112,7 @@ def train_diffusion(text_encoder, unet, tokenizer, data, latents, scale: float, 
         return ids_of[text]
 
     def loss(step):
-        rng = random.Random(settings.seed * 1_000_003 + step)
+        rng = random.Random(_step_seed(settings.seed, step))
         g = _generator(settings.seed, step, "cpu")
         index = torch.tensor([rng.randrange(len(data)) for _ in range(settings.batch)])
         z = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=g)) * scale
