@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 from PIL import Image, ImageOps
 
+from stablediff.adapters.embeddings import EmbeddingLibrary
+from stablediff.adapters.lora import LoraMerger, LoraUse, parse_use
 from stablediff.checkpoints import diffusers_folder as folder_fmt
 from stablediff.checkpoints import original
 from stablediff.checkpoints.hashing import cached_hash
@@ -26,6 +28,7 @@ from stablediff.pipelines import img2img as image_pipelines
 from stablediff.pipelines.common import fit as common_fit
 from stablediff.pipelines.common import load_image
 from stablediff.pipelines.depth import NO_DEPTH_SOURCE, depth_from_image, estimate_depth
+from stablediff.pipelines.txt2img import Hires
 from stablediff.pipelines.txt2img import txt2img as run_txt2img
 from stablediff.pipelines.upscale import upscale as upscale_pipeline
 
@@ -90,6 +93,23 @@ def probe_v_prediction(unet: UNet) -> bool:
     return (out.float() - x.float()).mean().item() < -1
 
 
+def lora_uses(loras) -> tuple[LoraUse, ...]:
+    """LoraUse, (file, weight) pairs or "FILE:WEIGHT" strings, checked to exist."""
+    uses = tuple(u if isinstance(u, LoraUse) else parse_use(u) if isinstance(u, str) else LoraUse(Path(u[0]), u[1], u[1])
+                 for u in loras)
+    for use in uses:
+        if not use.path.is_file():
+            raise UserError(f"LoRA file {use.path} not found")
+    return uses
+
+
+def _sampling(steps: int, sampler: str, schedule: str | None, scale: float, eta: float | None, clip_skip: int,
+              subseed: int | None, subseed_strength: float) -> dict:
+    """The sampling options every image method passes on to its pipeline."""
+    return dict(steps=steps, sampler=sampler, schedule=schedule, scale=scale, eta=eta, clip_skip=clip_skip,
+                subseed=subseed, subseed_strength=subseed_strength)
+
+
 def _image(image: Image.Image | str | Path, mode: str = "RGB") -> Image.Image:
     return load_image(image, mode) if isinstance(image, (str, Path)) else image.convert(mode)
 
@@ -114,18 +134,24 @@ class StableDiffusion:
     variant: str = "base"
     model_hash: str | None = None  # AUTOMATIC1111's short hash, when `stablediff info --hash` has cached it
     low_res_schedule: TrainSchedule | None = None  # the x4 upscaler's noise augmentation of its input
+    embeddings: EmbeddingLibrary | None = None  # textual inversion files, used where a prompt names them
+    lora_dir: Path | None = None  # where <lora:name:weight> in a prompt looks for name.safetensors
+    loras: tuple[LoraUse, ...] = ()  # merged into every render, with those the prompt names
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "auto", dtype: str | torch.dtype | None = None, *,
              config: str | Path | None = None, vae: str | Path | None = None, use_ema: bool = True,
-             prediction: str | None = None, unsafe_pickle: bool = False) -> "StableDiffusion":
+             prediction: str | None = None, unsafe_pickle: bool = False, embeddings_dir: str | Path | None = None,
+             lora_dir: str | Path | None = None, loras=()) -> "StableDiffusion":
         """Load a .safetensors/.ckpt checkpoint or a diffusers folder (None: the shipped demo model) onto `device`
         in `dtype` (fp32, fp16, bf16).
 
         config: an original YAML (or preset name); vae: a separate VAE file; use_ema: prefer EMA weights;
         prediction: "epsilon" or "v" where the weights do not say; unsafe_pickle: the full unpickler.
+        embeddings_dir: textual inversion files; lora_dir: LoRA files for <lora:name:weight>; loras: see use_loras.
         """
         path = Path(path) if path is not None else DEMO_MODEL
+        loras = lora_uses(loras)  # a missing file fails before the model is read
         dev = resolve_device(device) if isinstance(device, str) else device
         dt = resolve_dtype(dtype, dev)
         spec = read_spec(path, config, use_ema, prediction, unsafe_pickle, vae)
@@ -139,10 +165,19 @@ class StableDiffusion:
         return cls(tokenizer=ClipTokenizer(spec.tokenizer_tables, pad_token=spec.pad_token, max_len=spec.clip.max_len),
                    schedule=schedule, name=spec.name, device=dev, dtype=dt, native_size=native, family=spec.family,
                    variant=spec.variant, model_hash=cached_hash(path) if path.is_file() else None,
-                   low_res_schedule=spec.low_res_schedule, **built)
+                   low_res_schedule=spec.low_res_schedule,
+                   embeddings=EmbeddingLibrary(embeddings_dir) if embeddings_dir is not None else None,
+                   lora_dir=Path(lora_dir) if lora_dir is not None else None, **built).use_loras(loras)
 
     def __post_init__(self):
         self._denoiser = Denoiser(self.unet, self.schedule)
+        self.lora_merger = LoraMerger()
+
+    def use_loras(self, loras) -> "StableDiffusion":
+        """LoRAs to merge into every render from now on: LoraUse, (file, weight) pairs or "FILE:WEIGHT" strings.
+        They are merged at the next render and taken out again, bit for bit, when the set changes."""
+        self.loras = lora_uses(loras)
+        return self
 
     @property
     def vae_scale(self) -> int:
@@ -164,20 +199,24 @@ class StableDiffusion:
     def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int = 20,
                 sampler: str = "DPM++ 2M Karras", schedule: str | None = None, scale: float = 7.5,
                 eta: float | None = None, clip_skip: int = 1, width: int | None = None, height: int | None = None,
-                seed: int | list[int] | None = None, batch_size: int = 1,
+                seed: int | list[int] | None = None, subseed: int | None = None,
+                subseed_strength: float = 0.0, batch_size: int = 1, hires: Hires | None = None,
                 callback: Callable | None = None) -> list[Image.Image]:
         """Images for a prompt (batch_size of them) or one per prompt in a list; image i uses seed + i (or
         seed[i]). schedule None: the one in the sampler's name ("... Karras"), else the model's own. clip_skip:
-        1 uses the text encoder's usual layer, 2 the one before it (through the final layer norm), and so on."""
+        1 uses the text encoder's usual layer, 2 the one before it (through the final layer norm), and so on.
+        subseed, subseed_strength: variation seeds (image i's noise slerped towards subseed + i's). hires: a second
+        pass at a larger size (AUTOMATIC1111's hires fix)."""
         prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
-        return run_txt2img(self, prompts, negatives, seeds, steps=steps, sampler=sampler, schedule=schedule,
-                           scale=scale, eta=eta, clip_skip=clip_skip, width=width or self.native_size, height=height or self.native_size,
-                           callback=callback)
+        return run_txt2img(self, prompts, negatives, seeds, width=width or self.native_size,
+                           height=height or self.native_size, hires=hires, callback=callback,
+                           **_sampling(steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
 
     def img2img(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
                 strength: float = 0.75, steps: int = 20, sampler: str = "DPM++ 2M Karras", schedule: str | None = None,
-                scale: float = 7.5, eta: float | None = None, clip_skip: int = 1, width: int | None = None, height: int | None = None,
-                resize_mode: str = "just-resize", seed: int | list[int] | None = None, batch_size: int = 1,
+                scale: float = 7.5, eta: float | None = None, clip_skip: int = 1, width: int | None = None,
+                height: int | None = None, resize_mode: str = "just-resize", seed: int | list[int] | None = None,
+                subseed: int | None = None, subseed_strength: float = 0.0, batch_size: int = 1,
                 callback: Callable | None = None) -> list[Image.Image]:
         """The image re-rendered under the prompt; strength 0 keeps it, 1 repaints it. Size: the image's own,
         rounded down to a multiple of 8, unless width/height say otherwise (then resize_mode applies)."""
@@ -185,14 +224,15 @@ class StableDiffusion:
         prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
         w, h = _size(init, width, height)
         return image_pipelines.img2img(self, [init] * len(prompts), prompts, negatives, seeds, strength=strength,
-                                       width=w, height=h, resize_mode=resize_mode, callback=callback, steps=steps,
-                                       sampler=sampler, schedule=schedule, scale=scale, eta=eta, clip_skip=clip_skip)
+                                       width=w, height=h, resize_mode=resize_mode, callback=callback,
+                                       **_sampling(steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
 
     def depth2img(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "",
                   *, depth_map: Image.Image | str | Path | None = None, depth_model: str | Path | None = None,
                   strength: float = 0.8, steps: int = 20, sampler: str = "DPM++ 2M Karras", schedule: str | None = None,
-                  scale: float = 7.5, eta: float | None = None, clip_skip: int = 1, width: int | None = None, height: int | None = None,
-                  resize_mode: str = "just-resize", seed: int | list[int] | None = None, batch_size: int = 1,
+                  scale: float = 7.5, eta: float | None = None, clip_skip: int = 1, width: int | None = None,
+                  height: int | None = None, resize_mode: str = "just-resize", seed: int | list[int] | None = None,
+                  subseed: int | None = None, subseed_strength: float = 0.0, batch_size: int = 1,
                   callback: Callable | None = None) -> list[Image.Image]:
         """img2img with an SD 2 depth model, keeping the scene's depth: from `depth_map` (an image, lighter or
         darker = nearer, any scale), or estimated by the DPT model folder `depth_model`."""
@@ -206,16 +246,17 @@ class StableDiffusion:
         else:
             raise UserError(NO_DEPTH_SOURCE)
         return image_pipelines.img2img(self, [init] * len(prompts), prompts, negatives, seeds, strength=strength,
-                                       width=w, height=h, resize_mode=resize_mode, callback=callback, steps=steps,
-                                       sampler=sampler, schedule=schedule, scale=scale, eta=eta, clip_skip=clip_skip,
-                                       depths=[depth] * len(prompts))
+                                       width=w, height=h, resize_mode=resize_mode, callback=callback,
+                                       depths=[depth] * len(prompts),
+                                       **_sampling(steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
 
     def inpaint(self, image: Image.Image | str | Path, mask: Image.Image | str | Path, prompt: str | list[str],
                 negative_prompt: str | list[str] = "", *, strength: float = 1.0, fill: str = "original",
                 mask_blur: int = 4, invert_mask: bool = False, only_masked: bool = False, padding: int = 32,
                 steps: int = 20, sampler: str = "DPM++ 2M Karras", schedule: str | None = None, scale: float = 7.5,
                 eta: float | None = None, clip_skip: int = 1, width: int | None = None, height: int | None = None,
-                resize_mode: str = "just-resize", seed: int | list[int] | None = None, batch_size: int = 1,
+                resize_mode: str = "just-resize", seed: int | list[int] | None = None, subseed: int | None = None,
+                subseed_strength: float = 0.0, batch_size: int = 1,
                 callback: Callable | None = None) -> list[Image.Image]:
         """Repaint where the mask is white (with a 9-channel inpainting model, or any ordinary one). only_masked:
         work on the mask's box plus `padding` pixels at the full size, then paste it back."""
@@ -227,8 +268,8 @@ class StableDiffusion:
         def run(img, msk, **extra):
             return image_pipelines.inpaint(self, [img] * len(prompts), [msk] * len(prompts), prompts, negatives, seeds,
                                            width=w, height=h, strength=strength, fill=fill, mask_blur=mask_blur,
-                                           resize_mode=resize_mode, callback=callback, steps=steps, sampler=sampler,
-                                           schedule=schedule, scale=scale, eta=eta, clip_skip=clip_skip, **extra)
+                                           resize_mode=resize_mode, callback=callback, **extra,
+                                           **_sampling(steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
         if not only_masked:
             return run(init, mask_image, invert_mask=invert_mask)
         base, mask_image = common_fit(init, w, h, resize_mode), common_fit(mask_image, w, h, resize_mode)
@@ -238,19 +279,22 @@ class StableDiffusion:
     def upscale(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
                 noise_level: int = 20, tile: int = 128, overlap: int = 32, steps: int = 20,
                 sampler: str = "DPM++ 2M Karras", schedule: str | None = None, scale: float = 9.0,
-                eta: float | None = None, clip_skip: int = 1, seed: int | list[int] | None = None, batch_size: int = 1,
+                eta: float | None = None, clip_skip: int = 1, seed: int | list[int] | None = None,
+                subseed: int | None = None, subseed_strength: float = 0.0, batch_size: int = 1,
                 callback: Callable | None = None) -> list[Image.Image]:
         """The image at 4x its size with the SD x4 upscaler; noise_level (0..350) trades fidelity for new detail.
         Images larger than `tile` low-res pixels are upscaled in overlapping tiles, blended across `overlap`."""
         init = _image(image)
         prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
         return upscale_pipeline(self, [init] * len(prompts), prompts, negatives, seeds, noise_level=noise_level,
-                                tile=tile, overlap=overlap, callback=callback, steps=steps, sampler=sampler, schedule=schedule, scale=scale, eta=eta, clip_skip=clip_skip)
+                                tile=tile, overlap=overlap, callback=callback,
+                                **_sampling(steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
 
     def outpaint(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "",
                  *, extend: tuple[int, int, int, int] = (0, 0, 0, 0), mask_blur: int = 8, fill: str = "original",
                  steps: int = 20, sampler: str = "DPM++ 2M Karras", schedule: str | None = None, scale: float = 7.5,
-                 eta: float | None = None, clip_skip: int = 1, seed: int | list[int] | None = None, batch_size: int = 1,
+                 eta: float | None = None, clip_skip: int = 1, seed: int | list[int] | None = None,
+                subseed: int | None = None, subseed_strength: float = 0.0, batch_size: int = 1,
                  callback: Callable | None = None) -> list[Image.Image]:
         """The image on a canvas extended by (left, right, up, down) pixels, the new border painted to match;
         the original pixels are kept exactly."""
@@ -260,5 +304,5 @@ class StableDiffusion:
         prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
         return image_pipelines.inpaint(self, [canvas] * len(prompts), [mask] * len(prompts), prompts, negatives, seeds,
                                        width=canvas.width, height=canvas.height, fill=fill, mask_blur=mask_blur,
-                                       blur_inward=True, callback=callback, steps=steps, sampler=sampler,
-                                       schedule=schedule, scale=scale, eta=eta, clip_skip=clip_skip)
+                                       blur_inward=True, callback=callback,
+                                       **_sampling(steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))

@@ -81,6 +81,14 @@ def _add_generation(sub, name: str, help_text: str, description: str):
                    help="autocast: fp16 on CUDA, fp32 elsewhere")
     p.add_argument("--bf16", action="store_true", help="same as --precision bf16")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--subseed", "--variation-seed", type=int, default=None,
+                   help="variation seed: with --subseed-strength, image i's noise leans towards subseed + i's")
+    p.add_argument("--subseed-strength", "--variation-strength", type=float, default=0.0,
+                   help="0 keeps the seed's image, 1 gives the variation seed's (default 0)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA (kohya/A1111 or diffusers/PEFT file) at a weight (default 1); repeatable")
+    p.add_argument("--lora-dir", help="where <lora:name:weight> in a prompt finds name.safetensors (searched recursively)")
+    p.add_argument("--embeddings-dir", help="textual inversion files, used where a prompt names them by file name")
     _add_model_flags(p)
     return p
 
@@ -94,8 +102,14 @@ def _add_image_flags(p, strength: float) -> None:
 
 
 def _add_commands(sub) -> None:
-    _add_generation(sub, "txt2img", "make images from a text prompt",
-                    "Make images from a text prompt. CompVis' scripts/txt2img.py flags work too.")
+    p = _add_generation(sub, "txt2img", "make images from a text prompt",
+                        "Make images from a text prompt. CompVis' scripts/txt2img.py flags work too.")
+    p.add_argument("--hires-scale", type=float, default=None,
+                   help="hires fix: render at --W x --H, enlarge by this factor, then re-render (e.g. 2)")
+    p.add_argument("--hires-steps", type=int, default=None, help="hires fix: steps of the second pass (default: --steps)")
+    p.add_argument("--hires-denoise", type=float, default=0.7, help="hires fix: how much the second pass changes, 0..1 (0.7)")
+    p.add_argument("--hires-upscaler", default="latent", choices=("latent", "latent-nearest", "lanczos"),
+                   help="hires fix: enlarge the latents (default) or the decoded image with Lanczos")
     p = _add_generation(sub, "img2img", "re-render an image under a prompt",
                         "Re-render an image under a prompt (SDEdit). CompVis' scripts/img2img.py flags work too.")
     _add_image_flags(p, 0.75)
@@ -245,10 +259,11 @@ def batches(prompts: list[str], args, seed: int):
 def _render(model, args, images: dict, prompts: list[str], seeds: list[int], callback):
     """One batch of the command's images."""
     shared = dict(seed=seeds, steps=args.steps, sampler=args.sampler_key, schedule=args.schedule_key, scale=args.scale,
-                  eta=args.ddim_eta, clip_skip=args.clip_skip, callback=callback)
+                  eta=args.ddim_eta, clip_skip=args.clip_skip, subseed=args.subseed, subseed_strength=args.subseed_strength,
+                  callback=callback)
     if args.command == "txt2img":
         return model.txt2img(prompts, args.negative_prompt, width=args.W or model.native_size,
-                             height=args.H or model.native_size, **shared)
+                             height=args.H or model.native_size, hires=_hires(args), **shared)
     if args.command == "upscale":
         return model.upscale(images["init"], prompts, args.negative_prompt, noise_level=args.noise_level, tile=args.tile,
                              overlap=args.tile_overlap, **shared)
@@ -266,12 +281,30 @@ def _render(model, args, images: dict, prompts: list[str], seeds: list[int], cal
                          padding=args.padding, **shared)
 
 
+def _hires(args):
+    from stablediff.pipelines.txt2img import Hires
+
+    if args.hires_scale is None:
+        return None
+    hires = Hires(args.hires_scale, args.hires_steps, args.hires_denoise, args.hires_upscaler)
+    hires.check()
+    return hires
+
+
+def _progress_steps(args) -> int:
+    """Sampler steps per batch, for the progress bar."""
+    if hasattr(args, "strength"):
+        return int(args.steps * args.strength)
+    return args.steps + ((args.hires_steps or args.steps) if getattr(args, "hires_scale", None) else 0)
+
+
 def generate(args) -> None:
     """Every image-making command: batches, progress, numbered PNGs with their parameters, a grid."""
     from tqdm import tqdm
 
-    from stablediff.pipelines.depth import NO_DEPTH_SOURCE
+    from stablediff.adapters.lora import take_tags
     from stablediff.api import StableDiffusion
+    from stablediff.pipelines.depth import NO_DEPTH_SOURCE
     from stablediff.pipelines.common import load_image, parse_sampler
 
     _check_numbers(args)
@@ -297,7 +330,12 @@ def generate(args) -> None:
             images["depth"] = load_image(args.depth_map, "F")
         elif args.command == "depth2img" and not args.depth_model:
             raise UserError(NO_DEPTH_SOURCE)
+    if args.command == "txt2img":
+        _hires(args)  # a bad hires setting or a missing LoRA fails before the model loads
+    for prompt in prompts:
+        take_tags(prompt, Path(args.lora_dir) if args.lora_dir else None)
     model = StableDiffusion.load(args.model, device=args.device, dtype="bf16" if args.bf16 else args.precision,
+                                 embeddings_dir=args.embeddings_dir, lora_dir=args.lora_dir, loras=args.lora,
                                  **_load_kwargs(args))
     if args.f is not None and args.f != model.vae_scale:
         raise UserError(f"--f {args.f}: this model's VAE downsamples by {model.vae_scale}")
@@ -307,7 +345,7 @@ def generate(args) -> None:
     samples_dir = outdir / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
     number = next_number(samples_dir, r"(\d{5})\.png")
-    steps = int(args.steps * args.strength) if hasattr(args, "strength") else args.steps
+    steps = _progress_steps(args)
     made = []
     for batch_prompts, seeds in batches(prompts, args, seed):
         with tqdm(total=steps, unit="step", desc="sampling", leave=False) as bar:

@@ -110,3 +110,35 @@ def test_ctrl_c_keeps_finished_images_and_writes_nothing_half(tmp_path, tiny_mod
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["00000.png"]
     Image.open(tmp_path / "samples" / "00000.png").load()
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_lora_embeddings_hires_and_variation_flags(tmp_path, tiny_model_dir, ours, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from test_adapters import kohya_lora
+
+    loras, embeddings = tmp_path / "loras", tmp_path / "embeddings"
+    loras.mkdir()
+    embeddings.mkdir()
+    kohya_lora(ours, loras / "ink.safetensors")
+    save_file({"emb_params": torch.randn(2, 128)}, str(embeddings / "toy.safetensors"))
+    out = tmp_path / "out"
+    assert run(out, tiny_model_dir, "a toy cube <lora:ink:0.5>", "--lora", f"{loras / 'ink.safetensors'}:0.3",
+               "--lora-dir", str(loras), "--embeddings-dir", str(embeddings), "--hires-scale", "1.5",
+               "--hires-steps", "2", "--hires-upscaler", "lanczos", "--subseed", "4", "--subseed-strength", "0.2",
+               "--seed", "1", "--skip_grid") == 0
+    image = Image.open(out / "samples" / "00000.png")
+    assert image.size == (96, 96)
+    info = image.info["parameters"]
+    assert info.startswith("a toy cube <lora:ink:0.5>\n")
+    for field in ('Lora hashes: "ink: ', 'TI hashes: "toy: ', "Variation seed: 4", "Hires upscale: 1.5",
+                  "Hires upscaler: Lanczos", "Denoising strength: 0.7"):
+        assert field in info
+    ours.use_loras([])
+    assert run(out, tiny_model_dir, "x", "--lora", "missing.safetensors:0.5") == 2
+    assert "LoRA file missing.safetensors not found" in capsys.readouterr().err
+    assert run(out, tiny_model_dir, "x <lora:nope>", "--lora-dir", str(loras)) == 2
+    assert "has no nope.safetensors" in capsys.readouterr().err
+    assert run(out, tiny_model_dir, "x", "--hires-scale", "2", "--hires-denoise", "0") == 2
+    assert "hires fix" in capsys.readouterr().err

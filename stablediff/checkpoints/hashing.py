@@ -22,14 +22,22 @@ def cached_hash(path: Path) -> str | None:
     return None
 
 
-def compute_hash(path: Path) -> str:
-    """Hash the whole file (1 MiB at a time) and cache it beside the file when the folder is writable."""
+def sha256(path: Path, skip_safetensors_header: bool = False) -> str:
+    """The file's SHA-256 (1 MiB at a time); skip_safetensors_header: of the tensor data only, the "addnet" hash
+    the webui shows for LoRA files, which metadata edits leave unchanged."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        if skip_safetensors_header:
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
         while chunk := f.read(1 << 20):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def compute_hash(path: Path) -> str:
+    """Hash the whole file and cache it beside the file when the folder is writable."""
     st = path.stat()
-    entry = {"sha256": digest.hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    entry = {"sha256": sha256(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     try:
         tmp = _cache(path).with_suffix(".tmp")
         tmp.write_text(json.dumps(entry), encoding="utf-8")

@@ -2,25 +2,59 @@
 import torch
 
 
+def _repeat(cond: dict, index: torch.Tensor) -> dict:
+    """The per-image inputs besides text ("concat" channels, "extra" model inputs) for the rows `index`."""
+    out = {"extra": {k: v[index] for k, v in cond.get("extra", {}).items()}}
+    if cond.get("concat") is not None:
+        out["concat"] = cond["concat"][index]
+    return out
+
+
 class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022): D_u + scale * (D_c - D_u), one batched model call.
+    With composable prompts (Liu et al. 2022, "a AND b:0.5") each image has several conditional rows and
+    D = D_u + sum_j scale * w_j * (D_j - D_u), as the webui computes it.
 
-    cond: {"context": text states, "uncond": negative-prompt states, "concat": extra input channels,
-    "extra": other model inputs}.
+    cond: {"context": text states (one row per image, or per prompt part), "uncond": negative-prompt states,
+    "parts": per image [(context row, weight), ...] or None, "concat": extra input channels, "extra": other inputs}.
     """
 
     def __init__(self, inner, scale: float):
         self.inner, self.scale = inner, scale
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
-        if self.scale == 1.0 or cond.get("uncond") is None:
+        parts = cond.get("parts")
+        if parts is None and (self.scale == 1.0 or cond.get("uncond") is None):
             return self.inner(x, sigma, cond)
-        extra = {k: torch.cat([v, v]) for k, v in cond.get("extra", {}).items()}
-        both = {"context": torch.cat([cond["uncond"], cond["context"]]), "extra": extra}
-        if cond.get("concat") is not None:
-            both["concat"] = torch.cat([cond["concat"], cond["concat"]])
-        uncond, text = self.inner(torch.cat([x, x]), sigma, both).chunk(2)
-        return uncond + self.scale * (text - uncond)
+        n = x.shape[0]
+        parts = parts or [[(i, 1.0)] for i in range(n)]
+        owner = torch.tensor([i for i, p in enumerate(parts) for _ in p], device=x.device)
+        rows = torch.tensor([r for p in parts for r, _ in p], device=cond["context"].device)
+        index = torch.cat([torch.arange(n, device=x.device), owner])
+        both = {"context": torch.cat([cond["uncond"], cond["context"][rows]]), **_repeat(cond, index)}
+        out = self.inner(x[index], sigma, both)
+        uncond, text = out[:n], out[n:]
+        if len(text) == n and all(p[0][1] == 1.0 for p in parts):
+            return uncond + self.scale * (text - uncond)
+        guided = uncond.clone()
+        for k, (i, weight) in enumerate((i, w) for i, p in enumerate(parts) for _, w in p):
+            guided[i] += (text[k] - uncond[i]) * (weight * self.scale)
+        return guided
+
+
+class PromptSchedule:
+    """Prompt editing and alternation: the text conditioning changes with the step. `per_step[i]` holds the text
+    inputs of step i of `sigmas`; a call at sigma belongs to the step whose interval [sigmas[i+1], sigmas[i]) holds
+    it (a second-order sampler's evaluation at exactly sigmas[i+1] counts as the next step's)."""
+
+    def __init__(self, inner, sigmas: torch.Tensor, per_step: list[dict]):
+        self.inner, self.per_step = inner, per_step
+        self.starts = sigmas[:-1].double().cpu()
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        s = float(sigma.reshape(-1)[0])
+        step = int((self.starts >= s * (1 - 1e-6)).sum()) - 1
+        return self.inner(x, sigma, {**cond, **self.per_step[min(max(step, 0), len(self.per_step) - 1)]})
 
 
 class MaskedDenoiser:

@@ -68,8 +68,9 @@ class ClipEmbeddings(nn.Module):
         self.token_embedding = embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = embedding(cfg.max_len, cfg.width)
 
-    def forward(self, ids):
-        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+    def forward(self, ids, tokens=None):
+        tokens = self.token_embedding(ids) if tokens is None else tokens
+        return tokens + self.position_embedding.weight[: ids.shape[1]]
 
 
 class ClipEncoder(nn.Module):
@@ -79,7 +80,8 @@ class ClipEncoder(nn.Module):
 
 
 class ClipTextModel(nn.Module):
-    """(B, 77) token ids -> (B, 77, width) states, taken `skip` layers before the last, then layer-normed."""
+    """(B, 77) token ids -> (B, 77, width) states, taken `skip` layers before the last, then layer-normed.
+    `tokens` (B, 77, width) replaces the token embeddings (textual inversion vectors written in)."""
 
     def __init__(self, cfg: ClipTextConfig):
         super().__init__()
@@ -88,9 +90,9 @@ class ClipTextModel(nn.Module):
         self.encoder = ClipEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
 
-    def forward(self, ids: torch.Tensor, skip: int | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, skip: int | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
         skip = self.config.skip_layers if skip is None else skip
-        x = self.embeddings(ids)
+        x = self.embeddings(ids, tokens)
         for layer in self.encoder.layers[: len(self.encoder.layers) - skip]:
             x = layer(x)
         return self.final_layer_norm(x)

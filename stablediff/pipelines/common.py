@@ -1,17 +1,19 @@
 """The steps every pipeline shares, written once: text encoding, sigmas, noise, sampling, decoding."""
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
+from stablediff.adapters.lora import take_tags
 from stablediff.diffusion.denoiser import Denoiser
-from stablediff.diffusion.guidance import CFGDenoiser
+from stablediff.diffusion.guidance import CFGDenoiser, PromptSchedule
 from stablediff.diffusion.samplers import SAMPLERS, Sampler
 from stablediff.diffusion.schedules import SCHEDULES, inference_sigmas
-from stablediff import prompts as prompt_syntax
 from stablediff.errors import UserError
+from stablediff.pipelines.conditioning import TextConditioning, encode_conditioning
 from stablediff.pipelines.infotext import Params
 
 # AUTOMATIC1111 labels, lower-cased, for `--sampler "DPM++ 2M Karras"` and friends
@@ -46,30 +48,6 @@ def sampler_sigmas(denoiser: Denoiser, sched, sampler: Sampler, steps: int, sche
     return sigmas
 
 
-def encode_text(model, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
-    """(B, 77 * chunks, D) text states of prompts in AUTOMATIC1111's syntax; each distinct prompt encoded once,
-    shorter prompts padded with empty chunks to the longest."""
-    unique = list(dict.fromkeys(prompts))
-    with torch.no_grad():
-        states = prompt_syntax.encode(model.text_encoder, model.tokenizer, unique, model.device, clip_skip)
-    index = torch.tensor([unique.index(p) for p in prompts], device=states.device)
-    return states[index]
-
-
-def match_chunks(model, a: torch.Tensor, b: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt and negative prompt states padded with empty chunks to the same length, for one batched call."""
-    if a.shape[1] == b.shape[1]:
-        return a, b
-    with torch.no_grad():
-        empty = prompt_syntax.encode(model.text_encoder, model.tokenizer, [""], model.device, clip_skip)
-    n = max(a.shape[1], b.shape[1]) // empty.shape[1]
-
-    def pad(s):
-        extra = n - s.shape[1] // empty.shape[1]
-        return torch.cat([s, empty.expand(s.shape[0], -1, -1).repeat(1, extra, 1)], dim=1) if extra else s
-    return pad(a), pad(b)
-
-
 def generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
@@ -87,6 +65,17 @@ def check_size(width: int, height: int) -> None:
         raise UserError(f"image size {width}x{height} is not possible: width and height must be positive multiples of 8")
 
 
+def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """The webui's variation-seed blend of two (C, H, W) noises: spherical along dim 1, linear when the two are
+    nearly parallel (where it weights them the other way round, as the webui does)."""
+    low_unit, high_unit = low / low.norm(dim=1, keepdim=True), high / high.norm(dim=1, keepdim=True)
+    dot = (low_unit * high_unit).sum(1)
+    if dot.mean() > 0.9995:
+        return low * t + high * (1 - t)
+    omega = dot.acos()
+    return (((1 - t) * omega).sin() / omega.sin())[:, None] * low + ((t * omega).sin() / omega.sin())[:, None] * high
+
+
 @dataclass
 class Job:
     """What one batch shares between the steps of any pipeline."""
@@ -102,14 +91,47 @@ class Job:
     eta: float | None
     width: int
     height: int
-    cond: dict
+    cond: dict  # what the model sees besides text at every step: "concat" channels, "extra" inputs
+    texts: TextConditioning
     noise: Callable[[], torch.Tensor]
     clip_skip: int = 1
+    variation: tuple[int, float] | None = None  # (subseed, strength): image i's start noise leans to subseed + i's
+    info: dict = field(default_factory=dict)  # infotext fields the job adds: LoRA and embedding hashes, ...
+
+    def start_noise(self) -> torch.Tensor:
+        """The noise a run starts from: the next draw of each image's generator, slerped towards its variation
+        seed's noise when there is one."""
+        x = self.noise()
+        if self.variation is None or self.variation[1] == 0:
+            return x
+        subseed, strength = self.variation
+        sub = noise_source(generators([subseed + i for i in range(len(self.seeds))]), tuple(x.shape[1:]), x.device)()
+        return torch.stack([slerp(strength, a, b) for a, b in zip(x, sub)])
+
+
+def _adapters(model, prompts: list[str]) -> tuple[list[str], dict]:
+    """Merge the LoRAs the model is set to use plus those the prompts name (<lora:name:weight>, the same in every
+    prompt of a batch); the prompts without their tags, and the infotext fields for LoRAs and embeddings."""
+    taken = [take_tags(p, model.lora_dir) for p in prompts]
+    if any(uses != taken[0][1] for _, uses in taken):
+        raise UserError("the prompts of one batch name different LoRAs: render them in separate batches (--n_samples 1)")
+    model.lora_merger.sync(model, (*model.loras, *taken[0][1]))
+    info = {}
+    if model.lora_merger.active:
+        info["Lora hashes"] = '"' + ", ".join(f"{u.name}: {u.hash()}" for u in model.lora_merger.active) + '"'
+    clean = [p for p, _ in taken]
+    if model.embeddings is not None and (used := model.embeddings.hashes(model.tokenizer, clean)):
+        info["TI hashes"] = '"' + ", ".join(f"{name}: {h}" for name, h in used.items()) + '"'
+    return clean, info
 
 
 def prepare(model, prompts: list[str], negatives: list[str], seeds: list[int], *, steps: int, sampler: str,
-            schedule: str | None, scale: float, eta: float | None, width: int, height: int, clip_skip: int = 1) -> Job:
-    """Check the request, pick the sigmas, encode the prompts and set up each image's noise."""
+            schedule: str | None, scale: float, eta: float | None, width: int, height: int, clip_skip: int = 1,
+            subseed: int | None = None, subseed_strength: float = 0.0,
+            prompt_steps: tuple[int, int | None] | None = None) -> Job:
+    """Check the request, merge LoRAs, pick the sigmas, encode the prompts and set up each image's noise.
+    prompt_steps: (steps, first pass steps) to schedule prompt edits over, when not the sampler's own steps
+    (a hires fix's second pass)."""
     check_size(width, height)
     usable = model.text_encoder.config.layers - model.text_encoder.config.skip_layers
     if not 1 <= clip_skip <= usable:
@@ -117,16 +139,22 @@ def prepare(model, prompts: list[str], negatives: list[str], seeds: list[int], *
                         f"{usable} to choose from")
     if steps < 1:
         raise UserError(f"steps must be at least 1 (got {steps})")
+    if not 0.0 <= subseed_strength <= 1.0:
+        raise UserError(f"variation strength {subseed_strength} is outside 0..1")
     key, schedule = parse_sampler(sampler, schedule)
     spec = SAMPLERS[key]
-    context, uncond = match_chunks(model, encode_text(model, prompts, clip_skip), encode_text(model, negatives, clip_skip),
-                                   clip_skip)
-    cond = {"context": context, "uncond": uncond}
+    clean, info = _adapters(model, prompts)
+    text_steps, first_pass = prompt_steps or (steps, None)
+    texts = encode_conditioning(model, clean, negatives, text_steps, clip_skip, first_pass)
     f = model.vae_scale
     noise = noise_source(generators(seeds), (4, height // f, width // f), model.device)
+    variation = None
+    if subseed_strength > 0:
+        variation = (random.randrange(2**32) if subseed is None else subseed, subseed_strength)
+        info.update({"Variation seed": variation[0], "Variation seed strength": f"{subseed_strength:g}"})
     return Job(prompts, negatives, seeds, steps, spec, schedule,
-               sampler_sigmas(model.denoiser(), model.schedule, spec, steps, schedule), scale, eta, width, height, cond, noise,
-               clip_skip)
+               sampler_sigmas(model.denoiser(), model.schedule, spec, steps, schedule), scale, eta, width, height, {}, texts,
+               noise, clip_skip, variation, info)
 
 
 def sample(model, job: Job, x: torch.Tensor, sigmas: torch.Tensor | None = None, wrap: Callable | None = None,
@@ -137,6 +165,7 @@ def sample(model, job: Job, x: torch.Tensor, sigmas: torch.Tensor | None = None,
     denoiser = CFGDenoiser(model.denoiser(), job.scale)
     if wrap is not None:
         denoiser = wrap(denoiser)
+    denoiser = PromptSchedule(denoiser, sigmas, job.texts.per_step(len(sigmas) - 1))
     options = {} if job.spec.eta is None else {"eta": job.spec.eta if job.eta is None else job.eta}
     x = job.spec.fn(denoiser, x, sigmas, job.cond, noise=job.noise, callback=callback, **options)
     return x / (1 + sigmas[-1] ** 2) ** 0.5  # x0 + sigma * eps -> sqrt(alpha_bar) * (...); identity at sigma 0
@@ -144,7 +173,7 @@ def sample(model, job: Job, x: torch.Tensor, sigmas: torch.Tensor | None = None,
 
 def annotate(model, job: Job, images: list[Image.Image], extra: dict | None = None) -> list[Image.Image]:
     """Attach each image's generation parameters (AUTOMATIC1111 infotext)."""
-    extra = dict(extra or {})
+    extra = {**job.info, **(extra or {})}
     if job.eta is not None and job.spec.eta is not None and job.eta != job.spec.eta:
         extra["Eta"] = f"{job.eta:g}"
     if job.clip_skip != 1:

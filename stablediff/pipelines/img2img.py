@@ -33,7 +33,7 @@ def img2img(model, images: list[Image.Image], prompts: list[str], negatives: lis
     sigmas = common.strength_sigmas(job.sigmas, job.steps, strength)
     pixels = common.to_pixels([common.fit(im, width, height, resize_mode) for im in images], model.device)
     x0 = common.encode_image(model, pixels, job.noise)
-    latents = x0 if len(sigmas) < 2 else common.sample(model, job, x0 + job.noise() * sigmas[0], sigmas, callback=callback)
+    latents = x0 if len(sigmas) < 2 else common.sample(model, job, x0 + job.start_noise() * sigmas[0], sigmas, callback=callback)
     return common.annotate(model, job, common.decode(model, latents), {"Denoising strength": f"{strength:g}"})
 
 
@@ -87,7 +87,7 @@ def inpaint(model, images: list[Image.Image], masks: list[Image.Image], prompts:
     latent_size = (height // model.vae_scale, width // model.vae_scale)
     if model.unet.config.in_channels == 9:  # generator draws in diffusers' order: [image], noise, masked image
         x0 = common.encode_image(model, pixels, job.noise) if strength < 1 else None
-        noise = job.noise()
+        noise = job.start_noise()
         x = noise * (1 + sigmas[0] ** 2) ** 0.5 if x0 is None else x0 + noise * sigmas[0]
         masked = common.encode_image(model, pixels * (binary < 0.5), job.noise)
         job.cond["concat"] = torch.cat([F.interpolate(binary, size=latent_size), masked], dim=1)
@@ -96,7 +96,7 @@ def inpaint(model, images: list[Image.Image], masks: list[Image.Image], prompts:
         start = _surroundings_fill(pixels, binary) if fill == "fill" else pixels
         x0 = common.encode_image(model, pixels, job.noise)
         x_start = common.encode_image(model, start, job.noise) if fill == "fill" else x0
-        noise = job.noise()
+        noise = job.start_noise()
         m = F.adaptive_max_pool2d(binary, latent_size)  # every latent cell the mask touches is repainted
         if fill in ("latent-noise", "latent-nothing"):
             x_start = x0 * (1 - m) + (job.noise() if fill == "latent-noise" else 0) * m

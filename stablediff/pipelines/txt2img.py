@@ -1,21 +1,69 @@
-"""Text to image: encode -> sigmas -> sampler -> decode."""
+"""Text to image: encode -> sigmas -> sampler -> decode; optionally a hires fix's second pass at a larger size."""
+from dataclasses import dataclass
 from typing import Callable
 
+import torch.nn.functional as F
 from PIL import Image
 
 from stablediff.errors import UserError
 from stablediff.pipelines import common
 
+UPSCALERS = {"latent": "Latent", "latent-nearest": "Latent (nearest)", "lanczos": "Lanczos"}
+
+
+@dataclass(frozen=True)
+class Hires:
+    """AUTOMATIC1111's hires fix: render at the base size, enlarge by `scale` (the latents, or the decoded image with
+    Lanczos), then re-render the last `steps` steps of a schedule int(steps / denoise) long (steps None: as many as the
+    first pass)."""
+
+    scale: float = 2.0
+    steps: int | None = None
+    denoise: float = 0.7
+    upscaler: str = "latent"
+
+    def check(self) -> None:
+        if self.upscaler not in UPSCALERS:
+            raise UserError(f"unknown hires upscaler {self.upscaler!r} (choose from {', '.join(UPSCALERS)})")
+        if not 0 < self.denoise <= 1 or self.scale < 1 or (self.steps is not None and self.steps < 1):
+            raise UserError(f"hires fix: scale must be at least 1, denoise in (0, 1] and steps at least 1 "
+                            f"(got scale {self.scale:g}, denoise {self.denoise:g}, steps {self.steps})")
+
 
 def txt2img(model, prompts: list[str], negative_prompts: list[str], seeds: list[int], *, steps: int, sampler: str,
             schedule: str | None, scale: float, eta: float | None, width: int, height: int, clip_skip: int = 1,
-            callback: Callable | None = None) -> list[Image.Image]:
+            hires: Hires | None = None, callback: Callable | None = None, **variation) -> list[Image.Image]:
     """One batch: image i from prompts[i], negative_prompts[i] and seeds[i]; PIL images carrying their parameters."""
     if model.unet.config.in_channels != 4:
         raise UserError(f"this model's UNet takes {model.unet.config.in_channels} input channels (an inpainting, depth or "
                         "upscaler model); txt2img needs an ordinary 4-channel model")
-    job = common.prepare(model, prompts, negative_prompts, seeds, steps=steps, sampler=sampler, schedule=schedule,
-                         scale=scale, eta=eta, width=width, height=height, clip_skip=clip_skip)
-    x = job.noise() * (1 + job.sigmas[0] ** 2) ** 0.5  # the VP prior at the first sigma
+    if hires is not None:
+        hires.check()
+    sampling = dict(sampler=sampler, schedule=schedule, scale=scale, eta=eta, clip_skip=clip_skip, **variation)
+    job = common.prepare(model, prompts, negative_prompts, seeds, steps=steps, width=width, height=height, **sampling)
+    x = job.start_noise() * (1 + job.sigmas[0] ** 2) ** 0.5  # the VP prior at the first sigma
     latents = common.sample(model, job, x, callback=callback)
-    return common.annotate(model, job, common.decode(model, latents))
+    if hires is None:
+        return common.annotate(model, job, common.decode(model, latents))
+    latents = _second_pass(model, job, latents, hires, sampling, callback)
+    extra = {"Denoising strength": f"{hires.denoise:g}", "Hires upscale": f"{hires.scale:g}",
+             **({"Hires steps": hires.steps} if hires.steps else {}), "Hires upscaler": UPSCALERS[hires.upscaler]}
+    return common.annotate(model, job, common.decode(model, latents), extra)
+
+
+def _second_pass(model, first, latents, hires: Hires, sampling: dict, callback):
+    """Enlarge the first pass's latents and re-render their last steps at the new size."""
+    f = model.vae_scale
+    width, height = int(first.width * hires.scale) // 8 * 8, int(first.height * hires.scale) // 8 * 8
+    steps = hires.steps or first.steps
+    total = int(steps / min(hires.denoise, 0.999))
+    job = common.prepare(model, first.prompts, first.negatives, first.seeds, steps=total, width=width, height=height,
+                         prompt_steps=(steps, first.steps), **sampling)
+    if hires.upscaler.startswith("latent"):
+        mode = "nearest" if hires.upscaler == "latent-nearest" else "bilinear"
+        x0 = F.interpolate(latents, size=(height // f, width // f), mode=mode)
+    else:
+        images = [im.resize((width, height), Image.LANCZOS) for im in common.decode(model, latents)]
+        x0 = common.encode_image(model, common.to_pixels(images, model.device), job.noise)
+    sigmas = job.sigmas[-(steps + 1):]
+    return common.sample(model, job, x0 + job.start_noise() * sigmas[0], sigmas, callback=callback)

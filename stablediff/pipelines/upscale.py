@@ -77,6 +77,6 @@ def _upscale(model, images, prompts, negatives, seeds, noise_level, callback, sa
     low = a**0.5 * low + (1 - a) ** 0.5 * job.noise((3, h, w))  # drawn first, as diffusers does
     job.cond["concat"] = low
     job.cond["extra"] = {"y": low.new_full((len(images),), noise_level, dtype=low.dtype).long()}
-    x = job.noise() * (1 + job.sigmas[0] ** 2) ** 0.5
+    x = job.start_noise() * (1 + job.sigmas[0] ** 2) ** 0.5
     latents = common.sample(model, job, x, callback=callback)
     return job, common.decode(model, latents)

@@ -1,0 +1,1 @@
+"""What users add to a model: textual inversion embeddings and LoRA."""
