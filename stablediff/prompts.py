@@ -1,10 +1,12 @@
-"""Prompts as AUTOMATIC1111 users write them: attention weights, BREAK, and prompts longer than 75 tokens.
+"""Prompts as AUTOMATIC1111 users write them: attention weights, BREAK, prompts longer than 75 tokens, textual
+inversion names, prompt editing and alternation over the steps, and AND.
 
 `(text)` multiplies the weight by 1.1, `[text]` divides it by 1.1, `(text:1.3)` sets a factor, `\\(` and the like
 are literal brackets, and `BREAK` starts a new 75-token chunk. Long prompts are cut into chunks of 75 tokens (at the
 last comma when one is within 20 tokens of the end), each encoded with its own start and end tokens, and the states
 concatenated. Emphasis follows the webui's default: each token's states are scaled by its weight, then the chunk's
-mean is restored.
+mean is restored. `[from:to:when]` and `[a|b]` give a prompt a text per stretch of steps (`schedule`), and
+`a AND b:0.5` splits it into weighted parts (`split_and`), guided separately.
 """
 import re
 
