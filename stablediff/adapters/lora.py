@@ -100,6 +100,7 @@ class LoraMerger:
     def __init__(self):
         self.active: tuple[LoraUse, ...] = ()
         self.merged: tuple = ()  # what `active` was merged from: (use, file size and mtime) pairs
+        self.hashes: dict[LoraUse, str] = {}  # of the active files, for the infotext
         self.backup: dict[tuple[str, str], torch.Tensor] = {}
 
     def sync(self, model, wanted: tuple[LoraUse, ...]) -> None:
@@ -116,13 +117,14 @@ class LoraMerger:
             self.restore(model)
             raise
         self.active, self.merged = tuple(wanted), key
+        self.hashes = {use: use.hash() for use in wanted}
 
     def restore(self, model) -> None:
         with torch.no_grad():
             for (part, name), original in self.backup.items():
                 getattr(model, part).get_submodule(name).weight.copy_(original)
         self.backup.clear()
-        self.active, self.merged = (), ()
+        self.active, self.merged, self.hashes = (), (), {}
 
     def _merge(self, model, use: LoraUse) -> None:
         groups, unknown = _group(read_state_dict(use.path))

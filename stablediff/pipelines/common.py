@@ -14,7 +14,7 @@ from stablediff.diffusion.samplers import SAMPLERS, Sampler
 from stablediff.diffusion.schedules import SCHEDULES, inference_sigmas
 from stablediff.errors import UserError
 from stablediff.pipelines.conditioning import TextConditioning, encode_conditioning
-from stablediff.pipelines.infotext import Params
+from stablediff.pipelines.infotext import Params, quoted_hashes
 
 # AUTOMATIC1111 labels, lower-cased, for `--sampler "DPM++ 2M Karras"` and friends
 _A1111 = {s.label.lower(): name for name, s in SAMPLERS.items()}
@@ -118,10 +118,10 @@ def _adapters(model, prompts: list[str]) -> tuple[list[str], dict]:
     model.lora_merger.sync(model, (*model.loras, *taken[0][1]))
     info = {}
     if model.lora_merger.active:
-        info["Lora hashes"] = '"' + ", ".join(f"{u.name}: {u.hash()}" for u in model.lora_merger.active) + '"'
+        info["Lora hashes"] = quoted_hashes((u.name, model.lora_merger.hashes[u]) for u in model.lora_merger.active)
     clean = [p for p, _ in taken]
     if model.embeddings is not None and (used := model.embeddings.hashes(model.tokenizer, clean)):
-        info["TI hashes"] = '"' + ", ".join(f"{name}: {h}" for name, h in used.items()) + '"'
+        info["TI hashes"] = quoted_hashes(used.items())
     return clean, info
 
 

@@ -29,3 +29,8 @@ class Params:
                   **({"Model hash": self.model_hash} if self.model_hash else {}), "Model": self.model, **self.extra}
         lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
         return "\n".join(lines)
+
+
+def quoted_hashes(named) -> str:
+    """`"name: hash, name: hash"` from (name, hash) pairs, as the webui writes "Lora hashes" and "TI hashes"."""
+    return '"' + ", ".join(f"{name}: {h}" for name, h in named) + '"'
