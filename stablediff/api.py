@@ -105,7 +105,10 @@ def lora_uses(loras) -> tuple[LoraUse, ...]:
 
 def _sampling(steps: int, sampler: str, schedule: str | None, scale: float, eta: float | None, clip_skip: int,
               subseed: int | None, subseed_strength: float) -> dict:
-    """The sampling options every image method passes on to its pipeline."""
+    """The sampling options every image method passes on to its pipeline; a variation strength without a
+    variation seed draws one, the same for every tile and pass of the call."""
+    if subseed_strength and subseed is None:
+        subseed = random.randrange(2**32)
     return dict(steps=steps, sampler=sampler, schedule=schedule, scale=scale, eta=eta, clip_skip=clip_skip,
                 subseed=subseed, subseed_strength=subseed_strength)
 

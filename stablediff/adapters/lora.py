@@ -50,12 +50,14 @@ def module_names(model) -> dict[str, tuple[str, str]]:
     for ours, module in model.unet.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             theirs = (rename(ours + ".weight", back) or ours + ".weight").removesuffix(".weight")
-            for name in ("lora_unet_" + theirs.replace(".", "_"), "lora_unet_" + ours.replace(".", "_"), "unet." + theirs):
+            # kohya names (diffusers' paths, or CompVis' in some older files), diffusers' with and without "unet."
+            for name in ("lora_unet_" + theirs.replace(".", "_"), "lora_unet_" + ours.replace(".", "_"), "unet." + theirs,
+                         theirs):
                 names[name] = ("unet", ours)
     for ours, module in model.text_encoder.named_modules():
         if isinstance(module, nn.Linear):
-            theirs = "text_model." + ours
-            for name in ("lora_te_" + theirs.replace(".", "_"), "text_encoder." + theirs, "te." + theirs):
+            theirs = "text_model." + ours  # transformers 5 saves CLIPTextModel without the text_model level
+            for name in ("lora_te_" + theirs.replace(".", "_"), "text_encoder." + theirs, "text_encoder." + ours):
                 names[name] = ("text_encoder", ours)
     return names
 

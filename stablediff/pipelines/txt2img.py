@@ -57,6 +57,8 @@ def _second_pass(model, first, latents, hires: Hires, sampling: dict, callback):
     width, height = int(first.width * hires.scale) // 8 * 8, int(first.height * hires.scale) // 8 * 8
     steps = hires.steps or first.steps
     total = int(steps / min(hires.denoise, 0.999))
+    if first.variation is not None:  # the same variation seed as the first pass, drawn or given
+        sampling = {**sampling, "subseed": first.variation[0]}
     job = common.prepare(model, first.prompts, first.negatives, first.seeds, steps=total, width=width, height=height,
                          prompt_steps=(steps, first.steps), **sampling)
     if hires.upscaler.startswith("latent"):
