@@ -105,3 +105,27 @@ def test_v_prediction_sd2_model(tiny_v_model_dir, sampler, schedule, scheduler, 
     assert model.schedule.prediction == "v"
     assert_close(model.txt2img("a photo of a cat", steps=STEPS, sampler=sampler, schedule=schedule, seed=3,
                                width=64, height=64), expected)
+
+
+def test_a_vae_that_overflows_in_fp16_is_retried_in_fp32(tiny_model_dir, capsys):
+    """Never a black image passed as success: an fp16 decode that overflows is done again in fp32 (and the VAE stays
+    fp32 for later decodes); it then equals an fp32 decode with the same (fp16-rounded) weights."""
+    from stablediff import StableDiffusion
+    from stablediff.errors import UserError
+    from stablediff.pipelines.common import decode
+
+    half = StableDiffusion.load(tiny_model_dir, device="cpu", dtype="fp16")
+    full = StableDiffusion.load(tiny_model_dir, device="cpu", dtype="fp32")
+    full.vae.load_state_dict({k: v.half().float() for k, v in half.vae.state_dict().items()})
+    for model in (half, full):  # activations past fp16's 65504 after the first convolution
+        model.vae.post_quant_conv.weight.data *= 1e5
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.isfinite(half.vae.decode(latents.half() / half.vae.config.scaling_factor)).all()
+    got = np.asarray(decode(half, latents)[0]).astype(int)
+    assert "decodes in fp32 from now on" in capsys.readouterr().err
+    assert next(half.vae.parameters()).dtype == torch.float32
+    expected = np.asarray(decode(full, latents)[0]).astype(int)
+    assert expected.std() > 10 and np.abs(got - expected).max() <= 1
+    with pytest.raises(UserError, match="NaN/inf even in fp32"):
+        decode(full, torch.full((1, 4, 8, 8), float("nan")))

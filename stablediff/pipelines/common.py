@@ -1,5 +1,6 @@
 """The steps every pipeline shares, written once: text encoding, sigmas, noise, sampling, decoding."""
 import random
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -242,7 +243,7 @@ def encode_image(model, pixels: torch.Tensor, noise: Callable[[], torch.Tensor])
     """Scaled latents of (B,3,H,W) pixels: a sample of the VAE's posterior, drawn from each image's generator as
     diffusers' latent_dist.sample(generator) does (so the draws after it line up)."""
     with torch.no_grad():
-        mean, logvar = model.vae.encode(pixels.to(model.dtype))
+        mean, logvar = model.vae.encode(pixels.to(next(model.vae.parameters()).dtype))
     z = mean.float() + (0.5 * logvar.float()).exp() * noise()
     return z * model.vae.config.scaling_factor
 
@@ -254,14 +255,28 @@ def strength_sigmas(sigmas: torch.Tensor, steps: int, strength: float) -> torch.
     return sigmas[steps - min(int(steps * strength), steps):]
 
 
+def _vae_decode(model, z: torch.Tensor) -> torch.Tensor:
+    """Unscaled latents -> pixels in fp32. A half-precision VAE whose decode overflows (SD 1.x's VAE in fp16 does
+    on some images) is moved to fp32 for good and the decode done again; NaN in fp32 as well is an error."""
+    dtype = next(model.vae.parameters()).dtype
+    pixels = model.vae.decode(z.to(dtype)).float()
+    if not torch.isfinite(pixels).all() and dtype != torch.float32:
+        print(f"stablediff: note: the VAE overflowed in {str(dtype).removeprefix('torch.')}; it decodes in fp32 "
+              "from now on", file=sys.stderr)
+        model.vae.float()
+        pixels = model.vae.decode(z.float())
+    if not torch.isfinite(pixels).all():
+        raise UserError("the VAE decode produced NaN/inf even in fp32: the latents themselves went wrong (try another "
+                        "sampler, fewer steps or a lower --scale)")
+    return pixels
+
+
 def decode(model, latents: torch.Tensor) -> list[Image.Image]:
-    """Latents (B,4,h,w) -> PIL images, one decode at a time to bound memory."""
+    """Latents (B,4,h,w) -> PIL images, one decode at a time to bound memory; never an image from NaNs."""
     images = []
     with torch.no_grad():
         for z in latents:
-            pixels = model.vae.decode((z[None] / model.vae.config.scaling_factor).to(model.dtype)).float()
-            if not torch.isfinite(pixels).all():
-                raise UserError(f"the VAE decode produced NaN/inf in {model.dtype}; run again with --precision fp32")
+            pixels = _vae_decode(model, z[None] / model.vae.config.scaling_factor)
             pixels = (pixels[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).mul(255).round().to(torch.uint8)
             images.append(Image.fromarray(pixels.cpu().numpy()))
     return images
