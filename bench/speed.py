@@ -1,0 +1,165 @@
+"""CPU (or GPU) speed, stablediff vs diffusers, side by side in one process on the same full-size SD 1.5-shaped
+random-weight file: import time, text encoding, a guided UNet step at 256 and 512, a VAE decode at 512, and
+optionally the whole `stablediff txt2img` process against the same in diffusers. Also the machine's measured
+matmul peak, and each step's distance from the arithmetic limit (its FLOPs at that peak).
+
+    python bench/speed.py [--workdir /tmp/sd-bench] [--precision fp32|bf16] [--reps 3] [--e2e]
+
+Appends a table to BENCHMARKS.md. Needs the test extra and about 10 GB of disk and 16 GB of memory.
+"""
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from load import make_files
+from report import append, machine
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def best(fn, reps: int) -> float:
+    """The median wall time of `reps` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 4096) -> float:
+    """FLOP/s of an n x n matrix product in dtype: the machine's practical ceiling for this work."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / best(lambda: a @ b, 3)
+
+
+def import_time(code: str) -> float:
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+        runs.append(time.perf_counter() - start)
+    return min(runs)
+
+
+def flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def load_both(path: Path, configs: Path, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    from stablediff import StableDiffusion
+
+    ours = StableDiffusion.load(path, device="cpu", dtype={torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype])
+    theirs = StableDiffusionPipeline.from_single_file(str(path), config=str(configs), local_files_only=True,
+                                                      torch_dtype=dtype, safety_checker=None)
+    return ours, theirs
+
+
+def unet_steps(ours, theirs, size: int, dtype: torch.dtype):
+    """Callables for one guided UNet step (batch 2: negative and prompt) on each side, on the same inputs."""
+    from stablediff.diffusion.guidance import CFGDenoiser
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, size // 8, size // 8, generator=g)
+    context = torch.randn(2, 77, 768, generator=g)
+    sigma = torch.tensor(5.0)
+    cond = {"context": context[1:].to(dtype), "uncond": context[:1].to(dtype)}
+    denoiser = CFGDenoiser(ours.denoiser(), 7.5)
+    t = ours.denoiser().sigma_to_t(sigma.reshape(1))
+
+    def ours_step():
+        with torch.no_grad():
+            return denoiser(x, sigma, cond)
+
+    def theirs_step():
+        with torch.no_grad():
+            latent = torch.cat([x, x]).to(dtype) / (sigma**2 + 1) ** 0.5
+            u, c = theirs.unet(latent, t, encoder_hidden_states=context.to(dtype)).sample.chunk(2)
+            return u + 7.5 * (c - u)
+    return ours_step, theirs_step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", default="/tmp/sd-bench")
+    parser.add_argument("--precision", default="fp32", choices=DTYPES)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--e2e", action="store_true", help="also time the whole txt2img process at 512, 20 steps")
+    args = parser.parse_args()
+    dtype = DTYPES[args.precision]
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path, _, configs, _ = make_files(workdir)
+    peak = matmul_peak(dtype)
+    rows = [("import", import_time("import stablediff.api"),
+             import_time("from diffusers import StableDiffusionPipeline"), None)]
+    print(rows[-1], flush=True)
+    ours, theirs = load_both(path, configs, dtype)
+    from stablediff.pipelines.conditioning import encode_text
+
+    with torch.no_grad():
+        rows.append(("text encoding (prompt + negative)", best(lambda: encode_text(ours, ["a photo of a cat", ""]), args.reps),
+                     best(lambda: theirs.encode_prompt("a photo of a cat", "cpu", 1, True, ""), args.reps), None))
+    print(rows[-1], flush=True)
+    for size in (256, 512):
+        ours_step, theirs_step = unet_steps(ours, theirs, size, dtype)
+        rows.append((f"guided UNet step, {size}x{size}", best(ours_step, args.reps), best(theirs_step, args.reps),
+                     flops(ours_step)))
+        print(rows[-1], flush=True)
+    z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.no_grad():
+        decode_ours, decode_theirs = (lambda: ours.vae.decode(z)), (lambda: theirs.vae.decode(z).sample)
+        rows.append(("VAE decode, 512x512", best(decode_ours, args.reps), best(decode_theirs, args.reps),
+                     flops(decode_ours)))
+    print(rows[-1], flush=True)
+    if args.e2e:
+        rows.append(end_to_end(path, configs, workdir, args.precision))
+    lines = [f"Machine: {machine()}, {torch.get_num_threads()} threads; matmul peak {peak / 1e9:.0f} GFLOP/s in "
+             f"{args.precision}.", f"Command: `python bench/speed.py {' '.join(sys.argv[1:])}`. Full-size SD 1.5-shaped random weights from "
+             "one .safetensors file, loaded by each side; median of the runs after a warm-up; the limit is the step's "
+             "FLOPs (counted on our side) at the matmul peak.", "",
+             "| what | stablediff | diffusers | ratio | arithmetic limit | stablediff / limit |", "|---|---|---|---|---|---|"]
+    for what, a, b, n in rows:
+        limit = f"{n / peak:.2f} s ({n / 1e12:.2f} TFLOP)" if n else "-"
+        lines.append(f"| {what} | {a:.2f} s | {b:.2f} s | {a / b:.2f}x | {limit} | "
+                     f"{f'{a / (n / peak):.1f}x' if n else '-'} |")
+    append(f"Speed, {args.precision}: stablediff vs diffusers on the CPU", lines)
+
+
+def end_to_end(path: Path, configs: Path, workdir: Path, precision: str):
+    """The whole process: import, load, 512x512, 20 steps of DPM++ 2M, decode, save a PNG."""
+    ours = [sys.executable, "-m", "stablediff.cli", "txt2img", "a photo of a cat", "--model", str(path), "--H", "512",
+            "--W", "512", "--steps", "20", "--sampler", "dpmpp_2m", "--seed", "1", "--precision", precision,
+            "--outdir", str(workdir / "e2e"), "--skip_grid"]
+    theirs = [sys.executable, "-c", f"""
+import sys, torch
+from diffusers import StableDiffusionPipeline, DPMSolverMultistepScheduler
+p = StableDiffusionPipeline.from_single_file({str(path)!r}, config={str(configs)!r}, local_files_only=True,
+    torch_dtype={'torch.float32' if precision == 'fp32' else 'torch.bfloat16'}, safety_checker=None)
+p.scheduler = DPMSolverMultistepScheduler.from_config(p.scheduler.config)
+p("a photo of a cat", height=512, width=512, num_inference_steps=20,
+  generator=torch.Generator().manual_seed(1)).images[0].save({str(workdir / 'e2e-diffusers.png')!r})
+"""]
+    times = []
+    for cmd in (ours, theirs):
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    print(times, flush=True)
+    return ("txt2img process: import, load, 512x512, 20 steps, save", times[0], times[1], None)
+
+
+if __name__ == "__main__":
+    main()
