@@ -42,6 +42,7 @@ class EmbeddingLibrary:
             raise UserError(f"embeddings folder {folder} not found")
         self.paths = {p.stem: p for p in sorted(self.folder.rglob("*")) if p.suffix in SUFFIXES and p.is_file()}
         self.loaded: dict[str, torch.Tensor] = {}
+        self.short_hashes: dict[str, str] = {}
 
     def used(self, tokenizer, texts: list[str]) -> list[str]:
         """The names whose tokens occur in the texts' tokens."""
@@ -69,4 +70,7 @@ class EmbeddingLibrary:
 
     def hashes(self, tokenizer, texts: list[str]) -> dict[str, str]:
         """AUTOMATIC1111's "TI hashes": the first 12 hex digits of each used file's SHA-256."""
-        return {name: sha256(self.paths[name])[:12] for name in self.used(tokenizer, texts)}
+        for name in (used := self.used(tokenizer, texts)):
+            if name not in self.short_hashes:
+                self.short_hashes[name] = sha256(self.paths[name])[:12]
+        return {name: self.short_hashes[name] for name in used}

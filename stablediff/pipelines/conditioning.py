@@ -18,9 +18,9 @@ def encode_text(model, texts: list[str], clip_skip: int = 1) -> torch.Tensor:
     return states[torch.tensor([unique.index(t) for t in texts], device=states.device)]
 
 
-def _text_at(sched: list[tuple[int, str]], step: int) -> str:
-    """The webui's pick: the first stretch that has not ended before `step` (1-based ends; steps count from 0)."""
-    return next((text for end, text in sched if step <= end), sched[0][1])
+def _at(stretches: list[tuple[int, object]], step: int):
+    """The webui's pick: what the first stretch not ended before `step` holds (1-based ends; steps count from 0)."""
+    return next((held for end, held in stretches if step <= end), stretches[-1][1])
 
 
 @dataclass
@@ -32,20 +32,19 @@ class TextConditioning:
     ends: list[int]
     stretches: list[dict]
 
-    def at_step(self, step: int) -> dict:
-        return next((s for end, s in zip(self.ends, self.stretches) if step <= end), self.stretches[-1])
-
     def per_step(self, n: int) -> list[dict]:
-        return [self.at_step(i) for i in range(n)]
+        """The text inputs of each of n steps."""
+        return [_at(list(zip(self.ends, self.stretches)), i) for i in range(n)]
 
 
 def encode_conditioning(model, prompts: list[str], negatives: list[str], steps: int, clip_skip: int = 1,
                         first_pass_steps: int | None = None) -> TextConditioning:
+    """Schedule and encode a batch's prompts (split at AND) and negative prompts over `steps`."""
     parts = [prompt_syntax.split_and(p) for p in prompts]
     scheds = [[prompt_syntax.schedule(text, steps, first_pass_steps) for text, _ in image_parts] for image_parts in parts]
     negative_scheds = [prompt_syntax.schedule(n, steps, first_pass_steps) for n in negatives]
     ends = sorted({end for image in scheds for s in image for end, _ in s} | {end for s in negative_scheds for end, _ in s})
-    texts = {end: ([_text_at(s, end) for image in scheds for s in image], [_text_at(s, end) for s in negative_scheds])
+    texts = {end: ([_at(s, end) for image in scheds for s in image], [_at(s, end) for s in negative_scheds])
              for end in ends}
     every = [t for end in ends for group in texts[end] for t in group]
     states = dict(zip(every, encode_text(model, every, clip_skip)))  # one encoder call, every text once
