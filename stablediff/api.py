@@ -297,7 +297,7 @@ class StableDiffusion:
                  *, extend: tuple[int, int, int, int] = (0, 0, 0, 0), mask_blur: int = 8, fill: str = "original",
                  steps: int = 20, sampler: str = "DPM++ 2M Karras", schedule: str | None = None, scale: float = 7.5,
                  eta: float | None = None, clip_skip: int = 1, seed: int | list[int] | None = None,
-                subseed: int | None = None, subseed_strength: float = 0.0, batch_size: int = 1,
+                 subseed: int | None = None, subseed_strength: float = 0.0, batch_size: int = 1,
                  callback: Callable | None = None) -> list[Image.Image]:
         """The image on a canvas extended by (left, right, up, down) pixels, the new border painted to match;
         the original pixels are kept exactly."""

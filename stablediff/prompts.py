@@ -221,12 +221,9 @@ def _walk(nodes: list, visit) -> None:
     for node in nodes:
         if isinstance(node, tuple):
             visit(node)
-            for child in node[1:]:
-                if isinstance(child, list):
-                    _walk(child, visit)
-            if node[0] == "alt":
-                for option in node[1]:
-                    _walk(option, visit)
+            children = node[1] if node[0] == "alt" else [c for c in node[1:] if isinstance(c, list)]
+            for child in children:
+                _walk(child, visit)
 
 
 def _text_at(nodes: list, step: int, whens: dict) -> str:

@@ -131,8 +131,9 @@ class LoraMerger:
     def _merge(self, model, use: LoraUse) -> None:
         groups, unknown = _group(read_state_dict(use.path))
         names = module_names(model)
-        unmatched = unknown + [k for k in groups if k not in names or not {"down", "up"} <= groups[k].keys()]
-        matched = [k for k in groups if k in names and {"down", "up"} <= groups[k].keys()]
+        matched, unmatched = [], list(unknown)
+        for key, factors in groups.items():
+            (matched if key in names and {"down", "up"} <= factors.keys() else unmatched).append(key)
         if not matched:
             raise UserError(f"LoRA {use.path}: none of its {len(groups) + len(unknown)} layers is a layer of this model "
                             "(a LoRA for another model family, or a kind this program does not read: LoHa, LoKr)")
@@ -186,5 +187,5 @@ def take_tags(prompt: str, folder: Path | None) -> tuple[str, list[LoraUse]]:
             weights = [float(n) for n in numbers if "=" not in n] or [1.0]
         except ValueError:
             raise UserError(f"{m.group(0)}: the weight must be a number, as in <lora:{name}:0.8>") from None
-        uses.append(LoraUse(find(folder, name.strip()), weights[0], weights[-1] if len(weights) > 1 else weights[0]))
+        uses.append(LoraUse(find(folder, name.strip()), weights[0], weights[-1]))
     return _TAG.sub("", prompt), uses
