@@ -8,6 +8,7 @@ matmul peak, and each step's distance from the arithmetic limit (its FLOPs at th
 Appends a table to BENCHMARKS.md. Needs the test extra and about 10 GB of disk and 16 GB of memory.
 """
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -125,7 +126,7 @@ def main() -> None:
                      flops(decode_ours)))
     print(rows[-1], flush=True)
     if args.e2e:
-        rows.append(end_to_end(path, configs, workdir, args.precision))
+        rows += end_to_end(path, configs, workdir, args.precision)
     lines = [f"Machine: {machine()}, {torch.get_num_threads()} threads; matmul peak {peak / 1e9:.0f} GFLOP/s in "
              f"{args.precision}.", f"Command: `python bench/speed.py {' '.join(sys.argv[1:])}`. Full-size SD 1.5-shaped random weights from "
              "one .safetensors file, loaded by each side; median of the runs after a warm-up; the limit is the step's "
@@ -133,7 +134,8 @@ def main() -> None:
              "| what | stablediff | diffusers | ratio | arithmetic limit | stablediff / limit |", "|---|---|---|---|---|---|"]
     for what, a, b, n in rows:
         limit = f"{n / peak:.2f} s ({n / 1e12:.2f} TFLOP)" if n else "-"
-        lines.append(f"| {what} | {a:.2f} s | {b:.2f} s | {a / b:.2f}x | {limit} | "
+        unit = "" if "GiB" in what else " s"
+        lines.append(f"| {what} | {a:.2f}{unit} | {b:.2f}{unit} | {a / b:.2f}x | {limit} | "
                      f"{f'{a / (n / peak):.1f}x' if n else '-'} |")
     append(f"Speed, {args.precision}: stablediff vs diffusers on the CPU", lines)
 
@@ -152,13 +154,18 @@ p.scheduler = DPMSolverMultistepScheduler.from_config(p.scheduler.config)
 p("a photo of a cat", height=512, width=512, num_inference_steps=20,
   generator=torch.Generator().manual_seed(1)).images[0].save({str(workdir / 'e2e-diffusers.png')!r})
 """]
-    times = []
+    times, rss = [], []
     for cmd in (ours, theirs):
         start = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if status != 0:
+            raise SystemExit(f"{cmd[:3]} failed (status {status})")
         times.append(time.perf_counter() - start)
-    print(times, flush=True)
-    return ("txt2img process: import, load, 512x512, 20 steps, save", times[0], times[1], None)
+        rss.append(usage.ru_maxrss / 2**20)
+    print(times, rss, flush=True)
+    return [("txt2img process: import, load, 512x512, 20 steps, save", times[0], times[1], None),
+            ("peak RSS of that process (GiB)", rss[0], rss[1], None)]
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from torch import nn
 
 from stablediff.nn.attention import attention
 from stablediff.nn.layers import Downsample, Upsample, group_norm
+from stablediff.nn.banded import conv_rows
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,47 @@ class _Mid(nn.Module):
         self.attn_1 = AttnBlock(ch, groups)
         self.block_2 = ResnetBlock(ch, ch, groups)
 
-    def forward(self, x):
-        return self.block_2(self.attn_1(self.block_1(x)))
+
+@dataclass(frozen=True)
+class NormConv:
+    """GroupNorm, SiLU, then a conv: the encoder's and decoder's last layer (held apart from the state dict's
+    layout, where norm_out and conv_out sit on the encoder or decoder itself)."""
+
+    norm: nn.GroupNorm
+    conv: nn.Conv2d
+
+    def __call__(self, x):
+        return self.conv(F.silu(self.norm(x)))
+
+
+def _run(layers, x):
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def run_banded(layers, x: torch.Tensor) -> torch.Tensor:
+    """What _run(layers, x) computes, with every full-resolution layer run a band of rows at a time (see
+    nn.banded); only the attention, at the latent resolution, sees the whole image at once. Each layer's
+    input is dropped as soon as its output is made, and residuals are added in place."""
+    for layer in layers:
+        if isinstance(layer, ResnetBlock):
+            h = conv_rows(x, layer.conv1, layer.norm1)
+            if isinstance(layer.nin_shortcut, nn.Conv2d):
+                x = conv_rows(x, layer.nin_shortcut)
+            x = conv_rows(h, layer.conv2, layer.norm2, into=x)
+            del h
+        elif isinstance(layer, NormConv):
+            x = conv_rows(x, layer.conv, layer.norm)
+        elif isinstance(layer, Upsample):
+            x = conv_rows(x, layer.conv, upsample=True)
+        elif isinstance(layer, Downsample):
+            x = conv_rows(x, layer.conv, pads=(0, 1, 0, 1)) if layer.asymmetric else conv_rows(x, layer.op)
+        elif isinstance(layer, nn.Conv2d):
+            x = conv_rows(x, layer)
+        else:
+            x = layer(x)
+    return x
 
 
 class Encoder(nn.Module):
@@ -84,14 +124,18 @@ class Encoder(nn.Module):
         self.norm_out = group_norm(cin, eps=1e-6, groups=g)
         self.conv_out = nn.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)
 
-    def forward(self, x):
-        h = self.conv_in(x)
+    def layers(self):
+        """The layers in the order they run (run_banded runs the same list)."""
+        yield self.conv_in
         for level in self.down:
-            for block in level.block:
-                h = block(h)
+            yield from level.block
             if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+                yield level.downsample
+        yield from (self.mid.block_1, self.mid.attn_1, self.mid.block_2)
+        yield NormConv(self.norm_out, self.conv_out)
+
+    def forward(self, x):
+        return _run(self.layers(), x)
 
 
 class Decoder(nn.Module):
@@ -113,14 +157,18 @@ class Decoder(nn.Module):
         self.norm_out = group_norm(cin, eps=1e-6, groups=g)
         self.conv_out = nn.Conv2d(cin, cfg.in_channels, 3, padding=1)
 
-    def forward(self, z):
-        h = self.mid(self.conv_in(z))
+    def layers(self):
+        """The layers in the order they run (run_banded runs the same list)."""
+        yield self.conv_in
+        yield from (self.mid.block_1, self.mid.attn_1, self.mid.block_2)
         for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
+            yield from level.block
             if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+                yield level.upsample
+        yield NormConv(self.norm_out, self.conv_out)
+
+    def forward(self, z):
+        return _run(self.layers(), z)
 
 
 class AutoencoderKL(nn.Module):
@@ -132,11 +180,14 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image in [-1, 1] (B,3,H,W) -> (mean, logvar) of the unscaled latent distribution."""
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+    def encode(self, x: torch.Tensor, banded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image in [-1, 1] (B,3,H,W) -> (mean, logvar) of the unscaled latent distribution. banded: the same
+        result a band of rows at a time, in less memory (see nn.banded)."""
+        h = run_banded(self.encoder.layers(), x) if banded else self.encoder(x)
+        mean, logvar = self.quant_conv(h).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents (B,4,h,w) -> image in about [-1, 1]."""
-        return self.decoder(self.post_quant_conv(z))
+    def decode(self, z: torch.Tensor, banded: bool = False) -> torch.Tensor:
+        """Unscaled latents (B,4,h,w) -> image in about [-1, 1]; banded as for encode."""
+        z = self.post_quant_conv(z)
+        return run_banded(self.decoder.layers(), z) if banded else self.decoder(z)

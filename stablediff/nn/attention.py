@@ -3,9 +3,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+MAX_SCORES = 1 << 28  # elements of one attention's score matrix; past it, queries go in chunks
+
+
 
 def attention(q, k, v, heads: int, causal: bool = False, upcast: bool = False):
-    """Multi-head attention on (B, N, heads*d) tensors; returns (B, N, heads*d)."""
+    """Multi-head attention on (B, N, heads*d) tensors; returns (B, N, heads*d). Past MAX_SCORES elements of
+    scores (the VAE's single 512-wide head over every latent pixel of a large image, which CUDA's flash kernels
+    do not take), the queries go in chunks, with the same result."""
     b, n, inner = q.shape
     d = inner // heads
     # (B, N, H*d) -> (B, H, N, d)
@@ -13,7 +18,11 @@ def attention(q, k, v, heads: int, causal: bool = False, upcast: bool = False):
     dtype = q.dtype
     if upcast and dtype == torch.float16:  # SD 2.x overflows in fp16 attention logits
         q, k, v = q.float(), k.float(), v.float()
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    rows = max(1, MAX_SCORES // (b * heads * k.shape[2]))
+    if causal or rows >= n:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    else:  # each query's row is independent: chunks bound the memory where a kernel would hold all the scores
+        out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + rows], k, v) for i in range(0, n, rows)], dim=2)
     return out.to(dtype).transpose(1, 2).reshape(b, n, inner)
 
 

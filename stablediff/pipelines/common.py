@@ -239,11 +239,19 @@ def to_pixels(images: list[Image.Image], device) -> torch.Tensor:
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).mul(2).sub(1).to(device)
 
 
+BANDED_ABOVE = 768 * 768  # pixels; larger images go through the VAE in bands: the same result in less memory
+
+
+def _banded(height: int, width: int) -> bool:
+    return height * width > BANDED_ABOVE
+
+
 def encode_image(model, pixels: torch.Tensor, noise: Callable[[], torch.Tensor]) -> torch.Tensor:
     """Scaled latents of (B,3,H,W) pixels: a sample of the VAE's posterior, drawn from each image's generator as
     diffusers' latent_dist.sample(generator) does (so the draws after it line up)."""
     with torch.no_grad():
-        mean, logvar = model.vae.encode(pixels.to(next(model.vae.parameters()).dtype))
+        mean, logvar = model.vae.encode(pixels.to(next(model.vae.parameters()).dtype),
+                                        banded=_banded(*pixels.shape[-2:]))
     z = mean.float() + (0.5 * logvar.float()).exp() * noise()
     return z * model.vae.config.scaling_factor
 
@@ -259,12 +267,13 @@ def _vae_decode(model, z: torch.Tensor) -> torch.Tensor:
     """Unscaled latents -> pixels in fp32. A half-precision VAE whose decode overflows (SD 1.x's VAE in fp16 does
     on some images) is moved to fp32 for good and the decode done again; NaN in fp32 as well is an error."""
     dtype = next(model.vae.parameters()).dtype
-    pixels = model.vae.decode(z.to(dtype)).float()
+    banded = _banded(z.shape[-2] * model.vae_scale, z.shape[-1] * model.vae_scale)
+    pixels = model.vae.decode(z.to(dtype), banded=banded).float()
     if not torch.isfinite(pixels).all() and dtype != torch.float32:
         print(f"stablediff: note: the VAE overflowed in {str(dtype).removeprefix('torch.')}; it decodes in fp32 "
               "from now on", file=sys.stderr)
         model.vae.float()
-        pixels = model.vae.decode(z.float())
+        pixels = model.vae.decode(z.float(), banded=banded)
     if not torch.isfinite(pixels).all():
         raise UserError("the VAE decode produced NaN/inf even in fp32: the latents themselves went wrong (try another "
                         "sampler, fewer steps or a lower --scale)")

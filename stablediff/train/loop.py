@@ -46,9 +46,8 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module, step: int) -> None:
         keep = min(self.decay, (1 + step) / (10 + step))
-        for k, v in module.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].lerp_(v.float(), 1 - keep)
+        pairs = [(self.shadow[k], v) for k, v in module.state_dict().items() if k in self.shadow]
+        torch._foreach_lerp_([s for s, _ in pairs], [v.float() for _, v in pairs], 1 - keep)
 
     def weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """The module's state dict with the averaged weights in place of the raw ones."""
@@ -91,7 +90,8 @@ class Run:
         from tqdm import tqdm
 
         params = [p for m in self.modules.values() for p in m.parameters()]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        # fused: one kernel for all parameters (on CPU several times faster than the loop over them)
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0, fused=params[0].device.type in ("cpu", "cuda"))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, self.steps, self.warmup))
         emas = {name: EMA(m, self.ema_decay) for name, m in self.modules.items()}
         start = 0
