@@ -57,6 +57,8 @@ class AttnBlock(nn.Module):
 
 
 class _Mid(nn.Module):
+    """The middle blocks, held here for the state dict's `mid.*` names; Encoder/Decoder.layers() run them."""
+
     def __init__(self, ch: int, groups: int):
         super().__init__()
         self.block_1 = ResnetBlock(ch, ch, groups)

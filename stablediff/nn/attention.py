@@ -6,7 +6,6 @@ from torch import nn
 MAX_SCORES = 1 << 28  # elements of one attention's score matrix; past it, queries go in chunks
 
 
-
 def attention(q, k, v, heads: int, causal: bool = False, upcast: bool = False):
     """Multi-head attention on (B, N, heads*d) tensors; returns (B, N, heads*d). Past MAX_SCORES elements of
     scores (the VAE's single 512-wide head over every latent pixel of a large image, which CUDA's flash kernels

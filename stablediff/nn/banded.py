@@ -4,8 +4,8 @@ What makes a large VAE decode run out of memory is not the weights but the full-
 each layer: GroupNorm's output, SiLU's, the nearest-upsampled copy before a conv. Here each of those exists
 only for one band of rows at a time:
 
-- GroupNorm's statistics are taken over the whole input, band by band (mean first, then the variance around
-  it, accumulated in float64), so every band is normalised with the statistics of the whole image. This is
+- GroupNorm's statistics are taken over the whole input, band by band (each band's mean and variance in one
+  pass, combined exactly in float64), so every band is normalised with the statistics of the whole image. This is
   what tiles decoded on their own get wrong: each tile's own statistics shift its colours, and blending
   the overlaps only hides where.
 - A conv's band reads the rows its kernel needs from the whole input (its neighbours' rows, not zeros), so
