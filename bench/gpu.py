@@ -27,14 +27,15 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PROMPT, NEGATIVE, SEED = "a photo of a cat", "blurry", 1
 
 
-def timed(fn, device: str) -> float:
+def timed(fn, device: str):
+    """(seconds, fn's result), the GPU's queued work included."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
-    fn()
+    result = fn()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, result
 
 
 def measure(render, steps: int, device: str) -> tuple[float, float, float, np.ndarray]:
@@ -42,14 +43,8 @@ def measure(render, steps: int, device: str) -> tuple[float, float, float, np.nd
     render(1)  # warm-up: kernels chosen, caches filled
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    image = None
-
-    def full():
-        nonlocal image
-        image = render(steps)
-
-    whole = timed(full, device)
-    one = timed(lambda: render(1), device)
+    whole, image = timed(lambda: render(steps), device)
+    one, _ = timed(lambda: render(1), device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     return whole, (steps - 1) / max(whole - one, 1e-9), peak, image
 

@@ -8,7 +8,6 @@ matmul peak, and each step's distance from the arithmetic limit (its FLOPs at th
 Appends a table to BENCHMARKS.md. Needs the test extra and about 10 GB of disk and 16 GB of memory.
 """
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from load import make_files
-from report import append, machine
+from report import append, machine, run_process
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -154,15 +153,8 @@ p.scheduler = DPMSolverMultistepScheduler.from_config(p.scheduler.config)
 p("a photo of a cat", height=512, width=512, num_inference_steps=20,
   generator=torch.Generator().manual_seed(1)).images[0].save({str(workdir / 'e2e-diffusers.png')!r})
 """]
-    times, rss = [], []
-    for cmd in (ours, theirs):
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
-        if status != 0:
-            raise SystemExit(f"{cmd[:3]} failed (status {status})")
-        times.append(time.perf_counter() - start)
-        rss.append(usage.ru_maxrss / 2**20)
+    (t_ours, rss_ours, _), (t_theirs, rss_theirs, _) = run_process(ours), run_process(theirs)
+    times, rss = (t_ours, t_theirs), (rss_ours, rss_theirs)
     print(times, rss, flush=True)
     return [("txt2img process: import, load, 512x512, 20 steps, save", times[0], times[1], None),
             ("peak RSS of that process (GiB)", rss[0], rss[1], None)]

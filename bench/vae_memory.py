@@ -7,14 +7,12 @@ parent compares a banded or tiled image with the same side's whole decode at the
     python bench/vae_memory.py [--sizes 1024 2048] [--whole-up-to 1024] [--sides stablediff diffusers]
 """
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from report import append, machine
+from report import append, machine, run_process
 
 CHILD = """
 import sys, time, numpy as np, torch
@@ -31,7 +29,8 @@ with torch.no_grad():
     else:
         from diffusers import AutoencoderKL
         vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4).eval()
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                            sample_size=512).eval()  # as SD 1.5's VAE config: enable_tiling's tiles are 512 pixels
         if mode != "whole":
             vae.enable_tiling()
         start = time.perf_counter()
@@ -42,29 +41,29 @@ print(seconds)
 """
 
 
+PARTIAL = {"stablediff": "banded", "diffusers": "tiled"}  # each side's way to decode in less memory
+
+
 def run(side: str, mode: str, size: int, workdir: Path) -> tuple[float, float, Path]:
     """(seconds of the decode, peak RSS in GiB of the whole process, the image file)."""
     out = workdir / f"{side}-{mode}-{size}.npy"
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, side, mode, str(size), str(out)], stdout=subprocess.PIPE,
-                            cwd=Path(__file__).parent)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = proc.stdout.read().decode().strip()
-    if status != 0:
-        raise SystemExit(f"{side} {mode} {size} failed (status {status})")
-    return float(seconds), usage.ru_maxrss / 2**20, out
+    _, rss, seconds = run_process([sys.executable, "-c", CHILD, side, mode, str(size), str(out)],
+                                  cwd=Path(__file__).parent)
+    return float(seconds), rss, out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--whole-up-to", type=int, default=1024, help="whole-image decodes only up to this size")
-    parser.add_argument("--sides", nargs="+", default=["stablediff", "diffusers"], choices=["stablediff", "diffusers"])
+    parser.add_argument("--sides", nargs="+", default=list(PARTIAL), choices=list(PARTIAL))
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for size in args.sizes:
-            for side, tiled in ((side, {"stablediff": "banded", "diffusers": "tiled"}[side]) for side in args.sides):
+            for side in args.sides:
+                tiled = PARTIAL[side]
                 whole = run(side, "whole", size, workdir) if size <= args.whole_up_to else None
                 part = run(side, tiled, size, workdir)
                 diff = "-"
@@ -72,6 +71,7 @@ def main() -> None:
                     d = np.abs(np.load(part[2]).astype(int) - np.load(whole[2]).astype(int))
                     diff = f"mean {d.mean():.2f}, max {d.max()}"
                     rows.append(f"| {size}x{size} | {side} | whole | {whole[0]:.1f} s | {whole[1]:.2f} GiB | - |")
+                    print(rows[-1], flush=True)
                 rows.append(f"| {size}x{size} | {side} | {tiled} | {part[0]:.1f} s | {part[1]:.2f} GiB | {diff} |")
                 print(rows[-1], flush=True)
     append("Large VAE decodes: banded vs tiled, time and peak memory", [
