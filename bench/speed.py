@@ -3,14 +3,19 @@ random-weight file: import time, text encoding, a guided UNet step at 256 and 51
 optionally the whole `stablediff txt2img` process against the same in diffusers. Also the machine's measured
 matmul peak, and each step's distance from the arithmetic limit (its FLOPs at that peak).
 
-    python bench/speed.py [--workdir /tmp/sd-bench] [--precision fp32|bf16] [--reps 3] [--e2e]
+    python bench/speed.py [--workdir /tmp/sd-bench] [--precision fp32|bf16] [--reps 3] [--e2e] [--compile]
+
+--compile also times both sides' UNets under torch.compile: the first call at each size (compiling, then one
+step) and the steps after it.
 
 Appends a table to BENCHMARKS.md. Needs the test extra and about 10 GB of disk and 16 GB of memory.
 """
 import argparse
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,12 +30,22 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def best(fn, reps: int) -> float:
     """The median wall time of `reps` calls after one warm-up call."""
     fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(once(fn) for _ in range(reps))
+
+
+def paired(a, b, reps: int) -> tuple[float, float]:
+    """The median wall times of a and b timed in turn (a, b, a, b, ...) after a warm-up call of each, so that
+    a drift in the machine's speed falls on both sides alike."""
+    a(), b()
+    times = [(once(a), once(b)) for _ in range(reps)]
+    return statistics.median(t for t, _ in times), statistics.median(t for _, t in times)
+
+
+def once(fn) -> float:
+    """The wall time of one call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 4096) -> float:
@@ -40,12 +55,8 @@ def matmul_peak(dtype: torch.dtype, n: int = 4096) -> float:
 
 
 def import_time(code: str) -> float:
-    runs = []
-    for _ in range(3):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-        runs.append(time.perf_counter() - start)
-    return min(runs)
+    return min(once(lambda: subprocess.run([sys.executable, "-c", code], check=True, capture_output=True))
+               for _ in range(3))
 
 
 def flops(fn) -> int:
@@ -97,8 +108,11 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=DTYPES)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--e2e", action="store_true", help="also time the whole txt2img process at 512, 20 steps")
+    parser.add_argument("--compile", action="store_true", help="also time the UNet steps under torch.compile")
     args = parser.parse_args()
     dtype = DTYPES[args.precision]
+    if args.compile:  # an empty kernel cache, so the first compiled calls show a cold compile
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sd-bench-inductor-")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path, _, configs, _ = make_files(workdir)
@@ -110,20 +124,22 @@ def main() -> None:
     from stablediff.pipelines.conditioning import encode_text
 
     with torch.no_grad():
-        rows.append(("text encoding (prompt + negative)", best(lambda: encode_text(ours, ["a photo of a cat", ""]), args.reps),
-                     best(lambda: theirs.encode_prompt("a photo of a cat", "cpu", 1, True, ""), args.reps), None))
+        rows.append(("text encoding (prompt + negative)", *paired(lambda: encode_text(ours, ["a photo of a cat", ""]),
+                     lambda: theirs.encode_prompt("a photo of a cat", "cpu", 1, True, ""), args.reps), None))
     print(rows[-1], flush=True)
+    step_flops = {}
     for size in (256, 512):
         ours_step, theirs_step = unet_steps(ours, theirs, size, dtype)
-        rows.append((f"guided UNet step, {size}x{size}", best(ours_step, args.reps), best(theirs_step, args.reps),
-                     flops(ours_step)))
+        step_flops[size] = flops(ours_step)
+        rows.append((f"guided UNet step, {size}x{size}", *paired(ours_step, theirs_step, args.reps), step_flops[size]))
         print(rows[-1], flush=True)
     z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
     with torch.no_grad():
         decode_ours, decode_theirs = (lambda: ours.vae.decode(z)), (lambda: theirs.vae.decode(z).sample)
-        rows.append(("VAE decode, 512x512", best(decode_ours, args.reps), best(decode_theirs, args.reps),
-                     flops(decode_ours)))
+        rows.append(("VAE decode, 512x512", *paired(decode_ours, decode_theirs, args.reps), flops(decode_ours)))
     print(rows[-1], flush=True)
+    if args.compile:
+        rows += compiled_steps(ours, theirs, dtype, step_flops, args.reps)
     if args.e2e:
         rows += end_to_end(path, configs, workdir, args.precision)
     lines = [f"Machine: {machine()}, {torch.get_num_threads()} threads; matmul peak {peak / 1e9:.0f} GFLOP/s in "
@@ -137,6 +153,21 @@ def main() -> None:
         lines.append(f"| {what} | {a:.2f}{unit} | {b:.2f}{unit} | {a / b:.2f}x | {limit} | "
                      f"{f'{a / (n / peak):.1f}x' if n else '-'} |")
     append(f"Speed, {args.precision}: stablediff vs diffusers on the CPU", lines)
+
+
+def compiled_steps(ours, theirs, dtype: torch.dtype, step_flops: dict, reps: int):
+    """Both UNets under torch.compile (one static graph per size): the first call, which compiles, then steps."""
+    from stablediff.devices import compile_module
+
+    compile_module(ours.unet, torch.device("cpu"))
+    theirs.unet.compile(dynamic=False)
+    rows = []
+    for size in (256, 512):
+        ours_step, theirs_step = unet_steps(ours, theirs, size, dtype)
+        rows.append((f"first compiled call (compile + 1 step), {size}x{size}", once(ours_step), once(theirs_step), None))
+        rows.append((f"guided UNet step, {size}x{size}, compiled", *paired(ours_step, theirs_step, reps), step_flops[size]))
+        print(rows[-2:], flush=True)
+    return rows
 
 
 def end_to_end(path: Path, configs: Path, workdir: Path, precision: str):

@@ -16,7 +16,7 @@ from stablediff.checkpoints.hashing import cached_hash
 from stablediff.checkpoints.io import read_state_dict
 from stablediff.checkpoints.keymaps import load_into, vae_prefixes
 from stablediff.checkpoints.spec import ModelSpec
-from stablediff.devices import resolve_device, resolve_dtype
+from stablediff.devices import compile_module, resolve_device, resolve_dtype
 from stablediff.diffusion.denoiser import Denoiser
 from stablediff.diffusion.schedules import TrainSchedule
 from stablediff.errors import UserError
@@ -145,13 +145,15 @@ class StableDiffusion:
     def load(cls, path: str | Path | None = None, device: str = "auto", dtype: str | torch.dtype | None = None, *,
              config: str | Path | None = None, vae: str | Path | None = None, use_ema: bool = True,
              prediction: str | None = None, unsafe_pickle: bool = False, embeddings_dir: str | Path | None = None,
-             lora_dir: str | Path | None = None, loras=()) -> "StableDiffusion":
+             lora_dir: str | Path | None = None, loras=(), compile: bool = False) -> "StableDiffusion":
         """Load a .safetensors/.ckpt checkpoint or a diffusers folder (None: the shipped demo model) onto `device`
         in `dtype` (fp32, fp16, bf16).
 
         config: an original YAML (or preset name); vae: a separate VAE file; use_ema: prefer EMA weights;
         prediction: "epsilon" or "v" where the weights do not say; unsafe_pickle: the full unpickler.
         embeddings_dir: textual inversion files; lora_dir: LoRA files for <lora:name:weight>; loras: see use_loras.
+        compile: torch.compile the UNet. Its first step at each image size then takes minutes (about 2 on a
+        2-core CPU); there the compiled steps measured slower than eager ones, so it is for GPUs (BENCHMARKS.md).
         """
         path = Path(path) if path is not None else DEMO_MODEL
         loras = lora_uses(loras)  # a missing file fails before the model is read
@@ -161,6 +163,8 @@ class StableDiffusion:
         built = {part: _build(cls_, cfg, *spec.weights[part], part, dt, dev)
                  for part, cls_, cfg in (("text_encoder", ClipTextModel, spec.clip), ("unet", UNet, spec.unet),
                                          ("vae", AutoencoderKL, spec.vae))}
+        if compile:
+            compile_module(built["unet"], dev)
         schedule, native = spec.schedule, spec.native_size
         if not spec.prediction_known:  # SD 2.x base weights: the 768 v model or the 512 epsilon one
             is_v = probe_v_prediction(built["unet"])

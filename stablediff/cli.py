@@ -89,6 +89,9 @@ def _add_generation(sub, name: str, help_text: str, description: str):
                    help="merge a LoRA (kohya/A1111 or diffusers/PEFT file) at a weight (default 1); repeatable")
     p.add_argument("--lora-dir", help="where <lora:name:weight> in a prompt finds name.safetensors (searched recursively)")
     p.add_argument("--embeddings-dir", help="textual inversion files, used where a prompt names them by file name")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet: minutes at the first step of each image size; on a 2-core CPU the "
+                        "compiled steps measured slower than eager ones (BENCHMARKS.md); for GPUs and long batches")
     _add_model_flags(p)
     return p
 
@@ -336,7 +339,7 @@ def generate(args) -> None:
         take_tags(prompt, Path(args.lora_dir) if args.lora_dir else None)
     model = StableDiffusion.load(args.model, device=args.device, dtype="bf16" if args.bf16 else args.precision,
                                  embeddings_dir=args.embeddings_dir, lora_dir=args.lora_dir, loras=args.lora,
-                                 **_load_kwargs(args))
+                                 compile=args.compile, **_load_kwargs(args))
     if args.f is not None and args.f != model.vae_scale:
         raise UserError(f"--f {args.f}: this model's VAE downsamples by {model.vae_scale}")
     seed = random.randrange(2**32) if args.seed is None else args.seed

@@ -2,17 +2,17 @@
 inversion names, prompt editing and alternation over the steps, and AND.
 
 `(text)` multiplies the weight by 1.1, `[text]` divides it by 1.1, `(text:1.3)` sets a factor, `\\(` and the like
-are literal brackets, and `BREAK` starts a new 75-token chunk. Long prompts are cut into chunks of 75 tokens (at the
-last comma when one is within 20 tokens of the end), each encoded with its own start and end tokens, and the states
-concatenated. Emphasis follows the webui's default: each token's states are scaled by its weight, then the chunk's
-mean is restored. `[from:to:when]` and `[a|b]` give a prompt a text per stretch of steps (`schedule`), and
-`a AND b:0.5` splits it into weighted parts (`split_and`), guided separately.
+are literal brackets, and `BREAK` starts a new chunk. Long prompts are cut into chunks of 75 tokens (the text
+encoder's length less its start and end tokens), at the last comma when one is within 20 tokens of the end, each
+encoded with its own start and end tokens, and the states concatenated. Emphasis follows the webui's default: each
+token's states are scaled by its weight, then the chunk's mean is restored. `[from:to:when]` and `[a|b]` give a
+prompt a text per stretch of steps (`schedule`), and `a AND b:0.5` splits it into weighted parts (`split_and`),
+guided separately.
 """
 import re
 
 import torch
 
-CHUNK = 75
 COMMA_BACKTRACK = 20
 BREAK = ("BREAK", -1.0)
 
@@ -63,9 +63,11 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
 
 
 def chunks(tokenizer, text: str, embeddings: dict | None = None) -> list[tuple[list[int], list[float], list]]:
-    """The prompt as 77-token chunks: (ids with start/end tokens and padding, per-token weights, textual inversion
-    vectors as [(position, (n, D) vectors)]). `embeddings` maps a name's token ids to its vectors; an embedding
-    that would straddle a chunk's end starts the next chunk, as in the webui."""
+    """The prompt as chunks of the text encoder's length (77 for SD): (ids with start/end tokens and padding,
+    per-token weights, textual inversion vectors as [(position, (n, D) vectors)]). `embeddings` maps a name's
+    token ids to its vectors; an embedding that would straddle a chunk's end starts the next chunk, as in the
+    webui."""
+    size = tokenizer.max_len - 2  # text tokens per chunk: 75 for SD
     comma = tokenizer.tokens(",")[0]
     by_first = {}
     for name_ids in sorted(embeddings or {}, key=len, reverse=True):
@@ -74,7 +76,7 @@ def chunks(tokenizer, text: str, embeddings: dict | None = None) -> list[tuple[l
 
     def close():  # [start, tokens, end, padding], as the reference tokenizer lays out a prompt
         nonlocal ids, weights, fixes, last_comma
-        pad = CHUNK - len(ids)
+        pad = size - len(ids)
         done.append(([tokenizer.bos, *ids, tokenizer.eos, *[tokenizer.pad] * pad], [1.0, *weights, *[1.0] * (pad + 1)],
                       [(1 + at, vectors) for at, vectors in fixes]))
         ids, weights, fixes, last_comma = [], [], [], -1
@@ -83,13 +85,13 @@ def chunks(tokenizer, text: str, embeddings: dict | None = None) -> list[tuple[l
         nonlocal ids, weights, fixes, last_comma
         if token == comma:
             last_comma = len(ids)
-        elif len(ids) == CHUNK and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
+        elif len(ids) == size and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
             cut = last_comma + 1  # move the words after the last comma into the next chunk
             carry = ids[cut:], weights[cut:], [(at - cut, v) for at, v in fixes if at >= cut]
             ids, weights, fixes = ids[:cut], weights[:cut], [(at, v) for at, v in fixes if at < cut]
             close()
             ids, weights, fixes = carry
-        if len(ids) == CHUNK:
+        if len(ids) == size:
             close()
         ids.append(token)
         weights.append(weight)
@@ -106,7 +108,7 @@ def chunks(tokenizer, text: str, embeddings: dict | None = None) -> list[tuple[l
                 j += 1
                 continue
             vectors = embeddings[name]
-            if len(ids) + len(vectors) > CHUNK and len(vectors) <= CHUNK:
+            if len(ids) + len(vectors) > size and len(vectors) <= size:
                 close()
             fixes.append((len(ids), vectors))
             for _ in range(len(vectors)):

@@ -45,6 +45,14 @@ def test_chunks_of_75_split_at_the_last_comma():
     assert len(chunks(tok, "a BREAK b")) == 2
 
 
+def test_chunks_follow_a_shorter_text_encoder():
+    tok = ClipTokenizer(max_len=24)  # 22 text tokens per chunk
+    short = chunks(tok, "a photo of a cat")
+    assert len(short) == 1 and short[0][0] == tok(["a photo of a cat"])[0].tolist() and len(short[0][0]) == 24
+    long = chunks(tok, "cat " * 30)
+    assert [len(ids) for ids, _, _ in long] == [24, 24] and long[1][0][1:9] == [2368] * 8
+
+
 def render(model, prompt, **kw):
     out = model.txt2img(prompt, steps=8, sampler="euler", schedule="default", seed=3, width=64, height=64, **kw)
     return np.asarray(out[0]).astype(int)
