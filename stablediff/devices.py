@@ -37,12 +37,12 @@ def resolve_dtype(precision: str | torch.dtype | None, device: torch.device) -> 
 
 def compile_module(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """torch.compile `module` in place (its state dict and weights stay shared, so LoRA merges still apply).
-    The work happens at the first call for each input shape: minutes on a CPU, after which each call is
-    faster. On CPUs inductor writes C++, so a compiler must be on the PATH; say so now, not at the first step."""
+    The compiling happens at the first call for each input shape: minutes on a CPU. On CPUs inductor writes C++,
+    so a compiler must be on the PATH; say so now, not at the first step."""
     import shutil
 
     if device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++", "cl")):
         raise UserError("--compile needs a C++ compiler (g++ or clang++) on the PATH for CPU kernels; "
                         "install one or leave out --compile")
-    module.compile(dynamic=False)  # a static graph per image size: faster kernels than one shape-generic graph
+    module.compile(dynamic=False)  # one static graph per image size, each compiled when first met
     return module
