@@ -31,7 +31,9 @@ from stablediff.models.clip_text import ClipTextConfig, ClipTextModel
 from stablediff.models.tokenizer import ClipTokenizer
 from stablediff.models.unet import UNet
 from stablediff.models.vae import AutoencoderKL
+from stablediff.pipelines.common import to_uint8
 from stablediff.train.objectives import init_fresh
+from stablediff.train.recipe import latent_scale
 
 VOCAB = {"colour": list(COLOURS), "shape": list(SHAPES), "position": [None, *POSITIONS], "background": list(COLOURS)}
 
@@ -74,7 +76,7 @@ def main() -> None:
     alphas = schedule_from_yaml(params).alphas_cumprod().float()
     latents = torch.load(args.work / "latents.pt", weights_only=True)
     mean, std = latents["mean"], latents["std"]
-    scale = 1 / (mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))).std().item()
+    scale = latent_scale(mean, std)
     data = ShapesDataset(len(mean), 0)
     opt = torch.optim.AdamW([*unet.parameters(), *cond.parameters()], lr=args.lr, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
@@ -104,8 +106,7 @@ def main() -> None:
         x = (1 - alphas[999]).sqrt() * torch.randn(64, 4, 16, 16, generator=torch.Generator().manual_seed(1))
         v = unet(x, torch.full((64,), 999.0), cond(scenes, [caption(s) for s in scenes]))
         pixels = vae.decode((alphas[999].sqrt() * x - (1 - alphas[999]).sqrt() * v) / scale)
-    pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    images = [Image.fromarray(p) for p in pixels]
+    images = [Image.fromarray(p) for p in to_uint8(pixels).numpy()]
     seen = [judge(im) for im in images]
     print({k: f"{np.mean([getattr(s, k) == j[k] for s, j in zip(scenes, seen)]):.0%}"
            for k in ("background", "colour", "shape", "position")})

@@ -36,7 +36,8 @@ with torch.no_grad():
         start = time.perf_counter()
         x = vae.decode(z).sample
 seconds = time.perf_counter() - start
-np.save(out, ((x[0] / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+from stablediff.pipelines.common import to_uint8
+np.save(out, to_uint8(x[0]).numpy())
 print(seconds)
 """
 

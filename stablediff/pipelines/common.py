@@ -280,12 +280,16 @@ def _vae_decode(model, z: torch.Tensor) -> torch.Tensor:
     return pixels
 
 
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Decoded pixels (..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8, rounded."""
+    return (pixels / 2 + 0.5).clamp(0, 1).movedim(-3, -1).mul(255).round().to(torch.uint8)
+
+
 def decode(model, latents: torch.Tensor) -> list[Image.Image]:
     """Latents (B,4,h,w) -> PIL images, one decode at a time to bound memory; never an image from NaNs."""
     images = []
     with torch.no_grad():
         for z in latents:
             pixels = _vae_decode(model, z[None] / model.vae.config.scaling_factor)
-            pixels = (pixels[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).mul(255).round().to(torch.uint8)
-            images.append(Image.fromarray(pixels.cpu().numpy()))
+            images.append(Image.fromarray(to_uint8(pixels[0]).cpu().numpy()))
     return images

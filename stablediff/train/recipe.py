@@ -63,6 +63,11 @@ def detailed_crops(x: torch.Tensor, size: int, rng: random.Random, candidates: i
     return torch.stack(out)
 
 
+def latent_scale(mean: torch.Tensor, std: torch.Tensor) -> float:
+    """1 / the std of latents sampled (with a fixed seed) from the dataset's posteriors: SD's scale_factor."""
+    return 1.0 / (mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))).std().item()
+
+
 def train_vae(vae, data, settings: Settings, work: Path, device, progress: bool) -> Run:
     run = Run("vae", {"vae": vae}, settings.vae_steps, settings.vae_lr, work / "vae.pt", settings.warmup)
     crop_until = int(settings.vae_steps * 0.8)
@@ -162,7 +167,7 @@ def train(settings: Settings, out: Path, work: Path, device: torch.device, progr
     times["vae"] = time.perf_counter() - t
     t = time.perf_counter()
     latents = encode_dataset(vae, data, settings, work, device)
-    scale = 1.0 / (latents[0] + latents[1] * torch.randn(latents[0].shape, generator=torch.Generator().manual_seed(0))).std().item()
+    scale = latent_scale(*latents)
     times["encode"] = time.perf_counter() - t
     t = time.perf_counter()
     tokenizer = ClipTokenizer(max_len=clip_cfg.max_len)
