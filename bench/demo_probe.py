@@ -6,14 +6,18 @@ position. What the UNet's cross-attention reads (--mode):
   text    the text encoder of the config, trained along (as `stablediff train` does)
   bag     only the text encoder's token + position embeddings (no transformer)
   oracle  one learned token per attribute (colour, shape, position, background): no text at all
+  read    the text encoder after `stablediff train`'s caption-reading stage (--text-steps), then trained
+          along at the recipe's joint rate, as `stablediff train` does
 
     python bench/demo_probe.py --work WORK_DIR [--config shapes-demo] [--mode text] [--steps 600] [--tmin 900]
+                               [--text-steps 400]
 
 WORK_DIR is a `stablediff train` work folder after its VAE stage (vae.pt and latents.pt). Prints the loss per 100
 steps and the accuracies; --out saves the first 16 predictions as one strip.
 """
 import argparse
 import random
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,16 +30,17 @@ from PIL import Image
 from stablediff import prompts
 from stablediff.checkpoints.original import (clip_from_yaml, config_text, parse_yaml, schedule_from_yaml,
                                              unet_from_yaml, vae_from_yaml)
-from stablediff.demo.shapes import COLOURS, POSITIONS, SHAPES, ShapesDataset, caption, judge, sample_scene
+from stablediff.demo.shapes import VOCABULARY, ShapesDataset, caption, judge, sample_scene
 from stablediff.models.clip_text import ClipTextConfig, ClipTextModel
 from stablediff.models.tokenizer import ClipTokenizer
 from stablediff.models.unet import UNet
 from stablediff.models.vae import AutoencoderKL
 from stablediff.pipelines.common import to_uint8
 from stablediff.train.objectives import init_fresh
-from stablediff.train.recipe import latent_scale
+from stablediff.train.recipe import latent_scale, train_text
+from stablediff.train.settings import Settings
 
-VOCAB = {"colour": list(COLOURS), "shape": list(SHAPES), "position": [None, *POSITIONS], "background": list(COLOURS)}
+VOCAB = {k: VOCABULARY[k] for k in ("colour", "shape", "position", "background")}
 
 
 class Conditioning(torch.nn.Module):
@@ -62,23 +67,34 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", required=True, type=Path)
     parser.add_argument("--config", default="shapes-demo")
-    parser.add_argument("--mode", default="text", choices=("text", "bag", "oracle"))
+    parser.add_argument("--mode", default="text", choices=("text", "bag", "oracle", "read"))
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--tmin", type=int, default=900)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--text-steps", type=int, default=Settings.text_steps, help="the read mode's first stage")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
     params = parse_yaml(config_text(args.config), args.config)
     unet = init_fresh(UNet(unet_from_yaml(params["unet_config"]["params"])))
     cond = Conditioning(args.mode, init_fresh(ClipTextModel(clip_from_yaml(params, ClipTextConfig()))))
-    torch.nn.init.normal_(cond.text_encoder.embeddings.token_embedding.weight, std=1.0)
+    groups = [{"params": [*unet.parameters(), *cond.table.parameters()]}]
+    if args.mode == "read":  # as the recipe: CLIP's init, the caption-reading stage, then a lower joint rate
+        settings = Settings(config=args.config, text_steps=args.text_steps)
+        with tempfile.TemporaryDirectory() as work:
+            train_text(cond.text_encoder, cond.tokenizer, ShapesDataset(settings.images, 0), settings, Path(work),
+                       torch.device("cpu"), progress=False)
+        cond.text_encoder.requires_grad_(True)
+        groups.append({"params": list(cond.text_encoder.parameters()), "lr": settings.joint_text_lr})
+    else:  # token embeddings at std 1: at CLIP's 0.02 a fresh text encoder gives every caption the same states
+        torch.nn.init.normal_(cond.text_encoder.embeddings.token_embedding.weight, std=1.0)
+        groups[0]["params"] += cond.text_encoder.parameters()
     alphas = schedule_from_yaml(params).alphas_cumprod().float()
     latents = torch.load(args.work / "latents.pt", weights_only=True)
     mean, std = latents["mean"], latents["std"]
     scale = latent_scale(mean, std)
     data = ShapesDataset(len(mean), 0)
-    opt = torch.optim.AdamW([*unet.parameters(), *cond.parameters()], lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     losses, start = [], time.perf_counter()
     for step in range(args.steps):

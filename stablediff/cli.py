@@ -151,8 +151,9 @@ def _add_train(sub) -> None:
     from stablediff.train.settings import Settings
 
     p = sub.add_parser("train", help="train a model of SD's architecture from scratch (the demo model's recipe)",
-                       description="Train the VAE, then the text encoder and UNet, on the drawn shapes dataset; "
-                                   "write one .safetensors in the original layout. Resumes from --work-dir.")
+                       description="Train the VAE, then the text encoder to read captions, then the text encoder "
+                                   "and UNet together, on the drawn shapes dataset; write one .safetensors in "
+                                   "the original layout. Resumes from --work-dir.")
     p.add_argument("out", help="the .safetensors file to write (must not exist)")
     p.add_argument("--work-dir", help="checkpoints and cached latents, to resume from (default: OUT-work beside OUT)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")

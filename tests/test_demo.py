@@ -12,8 +12,8 @@ from stablediff.api import DEMO_MODEL, StableDiffusion
 from stablediff.checkpoints.io import read_metadata
 from stablediff.checkpoints.original import CONFIG_KEY
 from stablediff.errors import UserError
-from stablediff.demo.shapes import (COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZES, ShapesDataset, caption, draw,
-                                    eval_scenes, judge, sample_scene)
+from stablediff.demo.shapes import (COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZES, VOCABULARY, ShapesDataset, caption,
+                                    draw, eval_scenes, judge, sample_scene)
 from stablediff.train.loop import Run
 from stablediff.train.recipe import train
 from stablediff.train.settings import Settings
@@ -57,6 +57,24 @@ def test_captions_name_the_scene_in_varied_words():
         f"on a {scene.background} background"
 
 
+def test_labels_are_what_the_scene_names_and_the_text_stage_learns_from_them():
+    data = ShapesDataset(200, seed=4)
+    for i, scene in enumerate(data.scenes):  # None: a caption that leaves the size or position unnamed
+        assert {k: values[data.labels(i)[k]] for k, values in VOCABULARY.items()} == \
+            {k: getattr(scene, k) for k in VOCABULARY}
+    assert {data.labels(i)["position"] for i in range(200)} == set(range(len(POSITIONS) + 1))
+
+
+def test_a_run_gives_each_module_its_own_rate():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    start = [m.weight.clone() for m in (a, b)]
+    loss = lambda step: (a(torch.ones(1, 2)) + b(torch.ones(1, 2))).sum()
+    Run("r", {"a": a, "b": b}, steps=1, lr=1e-2, warmup=1, module_lr={"b": 1e-4}).train(loss, progress=False)
+    # Adam's first step moves every weight by its rate
+    assert torch.allclose((a.weight - start[0]).abs(), torch.full((2, 2), 1e-2), rtol=1e-3)
+    assert torch.allclose((b.weight - start[1]).abs(), torch.full((2, 2), 1e-4), rtol=1e-3)
+
+
 def test_evaluation_prompts_are_held_out_and_name_a_position():
     scenes = eval_scenes(100)
     assert all((s.colour, s.shape, s.background) in HELD_OUT and s.position for s in scenes)
@@ -65,10 +83,11 @@ def test_evaluation_prompts_are_held_out_and_name_a_position():
 
 
 def test_training_smoke_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path):
-    settings = Settings(images=64, vae_steps=150, vae_batch=8, steps=150, batch=8, warmup=10)
+    settings = Settings(images=64, vae_steps=150, vae_batch=8, text_steps=40, text_batch=16, steps=150, batch=8,
+                        warmup=10)
     out = tmp_path / "tiny.safetensors"
     summary = train(settings, out, tmp_path / "work", torch.device("cpu"), progress=False)
-    for name in ("vae_loss", "diffusion_loss"):
+    for name in ("vae_loss", "text_loss", "diffusion_loss"):
         losses = summary[name]
         assert sum(losses[-15:]) / 15 < 0.85 * sum(losses[:15]) / 15, (name, losses[:15], losses[-15:])
     config = read_metadata(out)[CONFIG_KEY]
@@ -84,7 +103,7 @@ def test_training_smoke_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path
     # asked for more steps, it resumes from the checkpoints (the VAE is done) and records both commands
     longer = replace(settings, steps=160)
     summary = train(longer, tmp_path / "longer.safetensors", tmp_path / "work", torch.device("cpu"), progress=False)
-    assert len(summary["vae_loss"]) == 150 and len(summary["diffusion_loss"]) == 160
+    assert len(summary["vae_loss"]) == 150 and len(summary["text_loss"]) == 40 and len(summary["diffusion_loss"]) == 160
     assert read_metadata(tmp_path / "longer.safetensors")[CONFIG_KEY].startswith(
         f"# trained by: {settings.command()}\n# then resumed as: {longer.command()}\n")
 
@@ -118,7 +137,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert emas["m"].shadow.keys() == dict(resumed.state_dict()).keys()
 
 
-def test_shipped_demo_model_is_small_loads_by_default_and_follows_the_background(tmp_path):
+def test_shipped_demo_model_is_small_loads_by_default_and_follows_the_prompt(tmp_path):
     assert DEMO_MODEL.is_file() and DEMO_MODEL.stat().st_size < 30 * 2**20
     model = StableDiffusion.load()
     assert model.native_size == 64 and model.schedule.prediction == "v"
@@ -129,6 +148,9 @@ def test_shipped_demo_model_is_small_loads_by_default_and_follows_the_background
     seen = [judge(im) for im in images]
     assert [s["background"] for s in seen] == ["purple", "blue", "green", "black"]
     assert all(s["shape"] is not None for s in seen)  # something is drawn on it, not a blank picture
+    # the shape's colour and position (the model shipped before the text encoder's reading stage fails both)
+    assert [s["colour"] for s in seen[:3]] == ["yellow", "red", "white"]
+    assert [s["position"] for s in seen[1:3]] == ["top left", "right"]
 
 
 def test_txt2img_without_a_model_uses_the_demo_model(tmp_path):

@@ -22,6 +22,9 @@ POSITIONS = {"center": (0.5, 0.5), "left": (0.25, 0.5), "right": (0.75, 0.5), "t
 # size name -> half the shape's extent, as a fraction of the side; unnamed sizes fall between
 SIZES = {"small": 0.12, "large": 0.21}
 JITTER = 0.03
+# what a caption names, each with its values (None: left unnamed); the text encoder's first stage learns to read them
+VOCABULARY = {"colour": list(COLOURS), "shape": list(SHAPES), "background": list(COLOURS),
+              "position": [None, *POSITIONS], "size": [None, *SIZES]}
 TRIPLES = [(c, s, b) for c in COLOURS for s in SHAPES for b in COLOURS if b != c]
 HELD_OUT = frozenset(random.Random(2026).sample(TRIPLES, 12))
 
@@ -158,3 +161,9 @@ class ShapesDataset:
 
     def caption(self, i: int, rng: random.Random) -> str:
         return caption(self.scenes[i], rng)
+
+    vocabulary = VOCABULARY
+
+    def labels(self, i: int) -> dict[str, int]:
+        """What scene i's captions name, as indices into VOCABULARY's value lists."""
+        return {k: values.index(getattr(self.scenes[i], k)) for k, values in VOCABULARY.items()}

@@ -83,6 +83,7 @@ class Run:
     ema_decay: float = 0.999
     every: int = 200  # steps between checkpoints
     clip_grad: float = 1.0
+    module_lr: dict[str, float] = field(default_factory=dict)  # a module's own base rate, in place of lr
     losses: list[float] = field(default_factory=list)
 
     def train(self, loss_fn: Callable[[int], torch.Tensor], progress: bool = True) -> dict[str, EMA]:
@@ -90,8 +91,10 @@ class Run:
         from tqdm import tqdm
 
         params = [p for m in self.modules.values() for p in m.parameters()]
+        groups = [{"params": list(m.parameters()), "lr": self.module_lr.get(name, self.lr)}
+                  for name, m in self.modules.items()]
         # fused: one kernel for all parameters (on CPU several times faster than the loop over them)
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0, fused=params[0].device.type in ("cpu", "cuda"))
+        opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=0.0, fused=params[0].device.type in ("cpu", "cuda"))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, self.steps, self.warmup))
         emas = {name: EMA(m, self.ema_decay) for name, m in self.modules.items()}
         start = 0
@@ -130,7 +133,8 @@ class Run:
                 self.losses.append(loss.item())
                 recent = self.losses[-50:]
                 bar.update(1)
-                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}",
+                                lr=f"{self.lr * lr_factor(step + 1, self.steps, self.warmup):.1e}")
                 if (step + 1) % self.every == 0 or step + 1 == self.steps:
                     save(step + 1)
         finally:

@@ -1,4 +1,5 @@
-"""Training losses, for any model of SD's architecture: the autoencoder's, and latent diffusion's."""
+"""Training losses, for any model of SD's architecture: the autoencoder's, the text encoder's caption reading,
+and latent diffusion's."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,3 +49,16 @@ def diffusion_loss(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor,
     target = noise if schedule.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
     pred = unet(x_t.contiguous(memory_format=torch.channels_last), t.float().to(latents.device), text_encoder(ids))
     return F.mse_loss(pred.float(), target.float())
+
+
+def caption_loss(text_encoder, heads: nn.ModuleDict, ids: torch.Tensor, end_id: int,
+                 labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The summed cross-entropy of what each caption names (labels: attribute -> (B,) class indices), each
+    read by its linear head from every state at and after the caption's end token. A causal text encoder has
+    read the whole caption into those states, and they are most of the 77 that the UNet's cross-attention
+    sees (SD 1.x pads with the end token): trained so, every one of them says what the caption asks for.
+    ids: (B, T) token ids."""
+    after = (ids == end_id).cumsum(1) > 0
+    states, rows = text_encoder(ids)[after], after.sum(1)
+    return sum(F.cross_entropy(head(states).float(), labels[name].repeat_interleave(rows))
+               for name, head in heads.items())

@@ -1,13 +1,15 @@
-"""`stablediff train`: a latent diffusion model of SD's architecture, trained from scratch in two stages.
+"""`stablediff train`: a latent diffusion model of SD's architecture, trained from scratch in three stages.
 
 1. The VAE: reconstruction (L1 + L2) and a small KL, on random crops, then whole pictures.
 2. The dataset encoded once to posterior means and deviations; the latent scale measured (1 / std).
-3. The text encoder and the UNet together: noise prediction on the discrete schedule, 10% of captions
-   dropped (empty prompt) for classifier-free guidance.
+3. The text encoder alone, learning to read captions: linear heads name what each caption says (the
+   scene's attributes) from the text encoder's states.
+4. The text encoder (at a tenth of the UNet's rate) and the UNet together: noise prediction on the discrete
+   schedule, 10% of captions dropped (empty prompt) for classifier-free guidance.
 Each stage keeps EMA weights and checkpoints into the work folder, so an interrupted run resumes where it
 stopped. The result is one .safetensors in the original CompVis layout carrying its YAML config, read by
 the same loader as any checkpoint. The data source is the procedural shapes of stablediff.demo; the stages
-take any dataset with image(i) and caption(i, rng).
+take any dataset with image(i), caption(i, rng), and for stage 3 vocabulary ({attribute: values}) and labels(i).
 """
 import json
 import random
@@ -30,7 +32,7 @@ from stablediff.models.unet import UNet
 from stablediff.models.vae import AutoencoderKL
 from stablediff.pipelines.common import to_pixels
 from stablediff.train.loop import Run, autocast, bf16_native
-from stablediff.train.objectives import diffusion_loss, init_fresh, vae_loss
+from stablediff.train.objectives import caption_loss, diffusion_loss, init_fresh, vae_loss
 from stablediff.train.settings import Settings
 
 
@@ -104,17 +106,49 @@ def encode_dataset(vae, data, settings: Settings, work: Path, device, batch: int
     return mean, std
 
 
+def caption_ids(tokenizer):
+    """text -> its token ids (one chunk of the tokenizer's length), each caption tokenized once."""
+    cache = {}
+
+    def ids(text: str) -> list[int]:
+        if text not in cache:
+            cache[text] = prompts.chunks(tokenizer, text)[0][0]
+        return cache[text]
+
+    return ids
+
+
+def train_text(text_encoder, tokenizer, data, settings: Settings, work: Path, device, progress: bool) -> Run:
+    """The text encoder alone, taught to read captions: linear heads (thrown away after) name each attribute
+    of the scene from its states. Stands in for the CLIP pretraining of SD's text encoder: trained from scratch
+    by the diffusion loss alone, a text encoder learned the background's colour but, in every budget tried,
+    nothing of the shape's colour or position (bench/demo_probe.py, BENCHMARKS.md)."""
+    width = text_encoder.config.width
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(v)) for k, v in data.vocabulary.items()}).to(device)
+    run = Run("text", {"text_encoder": text_encoder, "heads": heads}, settings.text_steps, settings.text_lr,
+              work / "text.pt", settings.warmup)
+    ids = caption_ids(tokenizer)
+
+    def loss(step):
+        rng = random.Random(_step_seed(settings.seed, step))
+        index = [rng.randrange(len(data)) for _ in range(settings.text_batch)]
+        tokens = torch.tensor([ids(data.caption(i, rng)) for i in index], device=device)
+        labels = [data.labels(i) for i in index]
+        labels = {k: torch.tensor([y[k] for y in labels], device=device) for k in heads}
+        with autocast(device, settings.precision):
+            return caption_loss(text_encoder, heads, tokens, tokenizer.eos, labels)
+
+    ema = run.train(loss, progress)["text_encoder"]
+    text_encoder.load_state_dict(ema.weights(text_encoder))
+    return run
+
+
 def train_diffusion(text_encoder, unet, tokenizer, data, latents, scale: float, schedule, settings: Settings,
                     work: Path, device, progress: bool) -> Run:
     mean, std = latents
     run = Run("unet+text", {"text_encoder": text_encoder, "unet": unet}, settings.steps, settings.lr,
-              work / "diffusion.pt", settings.warmup)
-    ids_of = {}
-
-    def ids(text):
-        if text not in ids_of:
-            ids_of[text] = prompts.chunks(tokenizer, text)[0][0]
-        return ids_of[text]
+              work / "diffusion.pt", settings.warmup, module_lr={"text_encoder": settings.joint_text_lr})
+    ids = caption_ids(tokenizer)
 
     def loss(step):
         rng = random.Random(_step_seed(settings.seed, step))
@@ -171,6 +205,9 @@ def train(settings: Settings, out: Path, work: Path, device: torch.device, progr
     times["encode"] = time.perf_counter() - t
     t = time.perf_counter()
     tokenizer = ClipTokenizer(max_len=clip_cfg.max_len)
+    text_run = train_text(text_encoder, tokenizer, data, settings, work, device, progress)
+    times["text"] = time.perf_counter() - t
+    t = time.perf_counter()
     diffusion_run = train_diffusion(text_encoder, unet, tokenizer, data, latents, scale, schedule, settings, work,
                                     device, progress)
     times["diffusion"] = time.perf_counter() - t
@@ -181,5 +218,6 @@ def train(settings: Settings, out: Path, work: Path, device: torch.device, progr
                      weights={"text_encoder": (text_encoder.state_dict(), []), "unet": (unet.state_dict(), []),
                               "vae": (vae.state_dict(), [])})
     convert(spec, out, "safetensors", settings.dtype)
-    return {"vae_loss": vae_run.losses, "diffusion_loss": diffusion_run.losses, "scale_factor": scale,
-            "seconds": times, "bf16": settings.precision == "bf16" or (settings.precision == "auto" and bf16_native(device))}
+    return {"vae_loss": vae_run.losses, "text_loss": text_run.losses, "diffusion_loss": diffusion_run.losses,
+            "scale_factor": scale, "seconds": times,
+            "bf16": settings.precision == "bf16" or (settings.precision == "auto" and bf16_native(device))}

@@ -11,9 +11,13 @@ class Settings:
     vae_batch: int = 16
     vae_crop: int = 32  # crop side for the first 80% of VAE steps (whole pictures after)
     vae_lr: float = 1e-3
-    steps: int = 4000  # text encoder + UNet
+    text_steps: int = 400  # the text encoder alone, learning to read captions
+    text_batch: int = 128
+    text_lr: float = 1e-3
+    steps: int = 8000  # text encoder + UNet
     batch: int = 32
     lr: float = 5e-4
+    joint_text_lr: float = 5e-5  # the text encoder's rate while it trains along with the UNet
     warmup: int = 100  # steps of linear learning-rate warm-up, in each stage
     drop_caption: float = 0.1
     seed: int = 0
