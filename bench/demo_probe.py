@@ -78,22 +78,22 @@ def main() -> None:
     params = parse_yaml(config_text(args.config), args.config)
     unet = init_fresh(UNet(unet_from_yaml(params["unet_config"]["params"])))
     cond = Conditioning(args.mode, init_fresh(ClipTextModel(clip_from_yaml(params, ClipTextConfig()))))
-    groups = [{"params": [*unet.parameters(), *cond.table.parameters()]}]
-    if args.mode == "read":  # as the recipe: CLIP's init, the caption-reading stage, then a lower joint rate
-        settings = Settings(config=args.config, text_steps=args.text_steps)
-        with tempfile.TemporaryDirectory() as work:
-            train_text(cond.text_encoder, cond.tokenizer, ShapesDataset(settings.images, 0), settings, Path(work),
-                       torch.device("cpu"), progress=False)
-        cond.text_encoder.requires_grad_(True)
-        groups.append({"params": list(cond.text_encoder.parameters()), "lr": settings.joint_text_lr})
-    else:  # token embeddings at std 1: at CLIP's 0.02 a fresh text encoder gives every caption the same states
-        torch.nn.init.normal_(cond.text_encoder.embeddings.token_embedding.weight, std=1.0)
-        groups[0]["params"] += cond.text_encoder.parameters()
     alphas = schedule_from_yaml(params).alphas_cumprod().float()
     latents = torch.load(args.work / "latents.pt", weights_only=True)
     mean, std = latents["mean"], latents["std"]
     scale = latent_scale(mean, std)
     data = ShapesDataset(len(mean), 0)
+    groups = [{"params": [*unet.parameters(), *cond.table.parameters()]}]
+    if args.mode == "read":  # as the recipe: CLIP's init, the caption-reading stage, then a lower joint rate
+        settings = Settings(config=args.config, text_steps=args.text_steps)
+        with tempfile.TemporaryDirectory() as work:
+            train_text(cond.text_encoder, cond.tokenizer, data, settings, Path(work), torch.device("cpu"),
+                       progress=False)
+        cond.text_encoder.requires_grad_(True)
+        groups.append({"params": list(cond.text_encoder.parameters()), "lr": settings.joint_text_lr})
+    else:  # token embeddings at std 1: at CLIP's 0.02 a fresh text encoder gives every caption the same states
+        torch.nn.init.normal_(cond.text_encoder.embeddings.token_embedding.weight, std=1.0)
+        groups[0]["params"] += cond.text_encoder.parameters()
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     losses, start = [], time.perf_counter()
