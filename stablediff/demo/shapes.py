@@ -149,6 +149,8 @@ def judge(image: Image.Image) -> dict:
 class ShapesDataset:
     """n scenes fixed by the seed; pictures drawn on demand, captions phrased afresh on every draw."""
 
+    vocabulary = VOCABULARY
+
     def __init__(self, n: int, seed: int = 0):
         rng = random.Random(seed)
         self.scenes = [sample_scene(rng) for _ in range(n)]
@@ -161,8 +163,6 @@ class ShapesDataset:
 
     def caption(self, i: int, rng: random.Random) -> str:
         return caption(self.scenes[i], rng)
-
-    vocabulary = VOCABULARY
 
     def labels(self, i: int) -> dict[str, int]:
         """What scene i's captions name, as indices into VOCABULARY's value lists."""

@@ -1,4 +1,4 @@
-"""`stablediff train`: a latent diffusion model of SD's architecture, trained from scratch in three stages.
+"""`stablediff train`: a latent diffusion model of SD's architecture, trained from scratch step by step.
 
 1. The VAE: reconstruction (L1 + L2) and a small KL, on random crops, then whole pictures.
 2. The dataset encoded once to posterior means and deviations; the latent scale measured (1 / std).
