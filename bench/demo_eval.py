@@ -1,8 +1,10 @@
 """How well the demo model draws what it is asked: held-out prompts judged by their pixels.
 
 Runs `stablediff eval-demo`'s evaluation at the settings the issue names (100 held-out prompts, DPM++ 2M,
-20 steps, guidance 5), at guidance 1 for comparison, and for a few samplers at 10 and 50 steps; appends
-the table to BENCHMARKS.md.
+20 steps, guidance 5), at guidance 1 for comparison, and for a few samplers at 10 and 50 steps; then two
+rows that bound the others: the same settings on prompts of the training combinations (what generalising to
+the held-out ones costs), and the held-out scenes' own pictures through the VAE and back with no diffusion
+(what the VAE lets the judge see). Appends the table to BENCHMARKS.md.
 
     python bench/demo_eval.py [--model FILE] [--n 100]
 """
@@ -13,7 +15,7 @@ import time
 from report import append, machine
 
 from stablediff.api import StableDiffusion
-from stablediff.demo.evaluate import ATTRIBUTES, evaluate, table_row
+from stablediff.demo.evaluate import ATTRIBUTES, evaluate, table_row, vae_round_trip
 
 
 def main() -> None:
@@ -31,6 +33,15 @@ def main() -> None:
         seconds = time.perf_counter() - t
         rows.append(table_row(f"{sampler}, {steps} steps, guidance {scale:g}", accuracy) + f" {seconds:.0f} s |")
         print(rows[-1], flush=True)
+    t = time.perf_counter()
+    accuracy = evaluate(model, args.n, 20, "DPM++ 2M", 5.0, held_out=False)["accuracy"]
+    rows.append(table_row("training combinations: DPM++ 2M, 20 steps, guidance 5", accuracy)
+                + f" {time.perf_counter() - t:.0f} s |")
+    t = time.perf_counter()
+    accuracy = vae_round_trip(model, args.n)["accuracy"]
+    rows.append(table_row("held-out pictures through the VAE and back (no diffusion)", accuracy)
+                + f" {time.perf_counter() - t:.0f} s |")
+    print(*rows[-2:], sep="\n", flush=True)
     append("Demo model: held-out prompts judged by their pixels", [
         f"Machine: {machine()}.",
         f"Command: `python {' '.join(sys.argv)}`. Model: {model.name} ({args.model or 'shipped'}). {args.n} prompts "
@@ -38,7 +49,7 @@ def main() -> None:
         "seeds 0..n-1, 64x64. Judged from pixels: background = the border's median colour, shape colour = the median "
         "of pixels far from it (nearest named colour), position = the shape's box centre by thirds, shape = how much "
         "of its box it fills, size = box side (only where the prompt names one). Time is for all n images.\n",
-        "| sampler, steps, guidance | " + " | ".join(ATTRIBUTES) + " | time |",
+        "| run | " + " | ".join(ATTRIBUTES) + " | time |",
         "|---|" + "---|" * (len(ATTRIBUTES) + 1),
         *rows])
 

@@ -103,10 +103,11 @@ def _canonical_where(position: str) -> str:
     return {"center": "in the center", "left": "on the left", "right": "on the right"}.get(position, f"at the {position}")
 
 
-def eval_scenes(n: int, seed: int = 0) -> list[Scene]:
-    """n held-out scenes, each naming a position: the evaluator's prompts."""
+def eval_scenes(n: int, seed: int = 0, held_out: bool = True) -> list[Scene]:
+    """n scenes, each naming a position: from the held-out combinations (the evaluator's prompts) or, to compare
+    with, from the training ones."""
     rng = random.Random(seed)
-    return [sample_scene(rng, held_out=True, name_position=1.0, name_size=0.5) for _ in range(n)]
+    return [sample_scene(rng, held_out=held_out, name_position=1.0, name_size=0.5) for _ in range(n)]
 
 
 def _nearest(rgb: np.ndarray) -> str:
