@@ -26,22 +26,18 @@ def main() -> None:
     model = StableDiffusion.load(args.model)
     runs = [("DPM++ 2M", 20, 5.0), ("DPM++ 2M", 20, 1.0)]
     runs += [(sampler, steps, 5.0) for sampler in ("DPM++ 2M", "Euler a", "DDIM") for steps in (10, 50)]
+    measures = [(f"{sampler}, {steps} steps, guidance {scale:g}",
+                 lambda sampler=sampler, steps=steps, scale=scale: evaluate(model, args.n, steps, sampler, scale))
+                for sampler, steps, scale in runs]
+    measures += [("training combinations: DPM++ 2M, 20 steps, guidance 5",
+                  lambda: evaluate(model, args.n, 20, "DPM++ 2M", 5.0, held_out=False)),
+                 ("held-out pictures through the VAE and back (no diffusion)", lambda: vae_round_trip(model, args.n))]
     rows = []
-    for sampler, steps, scale in runs:
+    for label, measure in measures:
         t = time.perf_counter()
-        accuracy = evaluate(model, args.n, steps, sampler, scale)["accuracy"]
-        seconds = time.perf_counter() - t
-        rows.append(table_row(f"{sampler}, {steps} steps, guidance {scale:g}", accuracy) + f" {seconds:.0f} s |")
+        accuracy = measure()["accuracy"]
+        rows.append(table_row(label, accuracy) + f" {time.perf_counter() - t:.0f} s |")
         print(rows[-1], flush=True)
-    t = time.perf_counter()
-    accuracy = evaluate(model, args.n, 20, "DPM++ 2M", 5.0, held_out=False)["accuracy"]
-    rows.append(table_row("training combinations: DPM++ 2M, 20 steps, guidance 5", accuracy)
-                + f" {time.perf_counter() - t:.0f} s |")
-    t = time.perf_counter()
-    accuracy = vae_round_trip(model, args.n)["accuracy"]
-    rows.append(table_row("held-out pictures through the VAE and back (no diffusion)", accuracy)
-                + f" {time.perf_counter() - t:.0f} s |")
-    print(*rows[-2:], sep="\n", flush=True)
     append("Demo model: held-out prompts judged by their pixels", [
         f"Machine: {machine()}.",
         f"Command: `python {' '.join(sys.argv)}`. Model: {model.name} ({args.model or 'shipped'}). {args.n} prompts "

@@ -409,7 +409,7 @@ def train(args) -> None:
 
 def eval_demo(args) -> None:
     from stablediff.api import StableDiffusion
-    from stablediff.demo.evaluate import ATTRIBUTES, evaluate
+    from stablediff.demo.evaluate import ATTRIBUTES, evaluate, percent
 
     if args.n < 1 or args.steps < 1:
         raise UserError("--n and --steps must be at least 1")
@@ -423,8 +423,7 @@ def eval_demo(args) -> None:
             save_png(image, outdir / f"{i:03d}-{seen}.png", prompt)
     print(f"{args.n} held-out prompts, {args.sampler}, {args.steps} steps, guidance {args.scale}:")
     for name in ATTRIBUTES:
-        value = result["accuracy"][name]
-        print(f"  {name:<10} {'-' if value is None else f'{100 * value:.0f}%'}")
+        print(f"  {name:<10} {percent(result['accuracy'][name])}")
 
 
 def main(argv: list[str] | None = None) -> int:

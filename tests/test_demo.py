@@ -12,7 +12,7 @@ from stablediff.api import DEMO_MODEL, StableDiffusion
 from stablediff.checkpoints.io import read_metadata
 from stablediff.checkpoints.original import CONFIG_KEY
 from stablediff.errors import UserError
-from stablediff.demo.evaluate import vae_round_trip
+from stablediff.demo.evaluate import table_row, vae_round_trip
 from stablediff.demo.shapes import (COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZES, VOCABULARY, ShapesDataset, caption,
                                     draw, eval_scenes, judge, sample_scene)
 from stablediff.train.loop import Run
@@ -82,6 +82,9 @@ def test_evaluation_prompts_are_held_out_and_name_a_position():
     assert len({(s.colour, s.shape, s.background) for s in scenes}) == len(HELD_OUT)
     assert not any((s.colour, s.shape, s.background) in HELD_OUT for s in eval_scenes(100, held_out=False))
     assert len(ShapesDataset(10, seed=5)) == 10
+    # a table row for a run whose prompts named no size
+    row = table_row("x", {"background": 1.0, "colour": 0.5, "shape": 0.25, "position": 1 / 3, "size": None})
+    assert row == "| x | 100% | 50% | 25% | 33% | - |"
 
 
 def test_training_smoke_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path):

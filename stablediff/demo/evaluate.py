@@ -43,5 +43,10 @@ def vae_round_trip(model, n: int = 100, seed: int = 0) -> dict:
     return {"accuracy": accuracy(scenes, judged), "judged": judged, "images": images}
 
 
+def percent(value: float | None) -> str:
+    """An accuracy as a whole percentage; "-" where no scene named the attribute."""
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
 def table_row(label: str, result: dict) -> str:
-    return f"| {label} | " + " | ".join(f"{100 * result[a]:.0f}%" for a in ATTRIBUTES) + " |"
+    return f"| {label} | " + " | ".join(percent(result[a]) for a in ATTRIBUTES) + " |"
