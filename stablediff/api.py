@@ -1,6 +1,6 @@
 """The Python API: `StableDiffusion.load(path)` then `.txt2img(...)`."""
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -103,13 +103,18 @@ def lora_uses(loras) -> tuple[LoraUse, ...]:
     return uses
 
 
-def _sampling(steps: int, sampler: str, schedule: str | None, scale: float, eta: float | None, clip_skip: int,
-              subseed: int | None, subseed_strength: float) -> dict:
-    """The sampling options every image method passes on to its pipeline; a variation strength without a
-    variation seed draws one, the same for every tile and pass of the call."""
+SAMPLING = {"sampler": "DPM++ 2M Karras", "scale": 7.5}  # when neither the call nor the model says
+
+
+def _sampling(model: "StableDiffusion", steps: int, sampler: str | None, schedule: str | None, scale: float | None,
+              eta: float | None, clip_skip: int, subseed: int | None, subseed_strength: float) -> dict:
+    """The sampling options every image method passes on to its pipeline: a sampler or scale left as None is
+    the model's own default (SAMPLING where it has none); a variation strength without a variation seed draws
+    one, the same for every tile and pass of the call."""
     if subseed_strength and subseed is None:
         subseed = random.randrange(2**32)
-    return dict(steps=steps, sampler=sampler, schedule=schedule, scale=scale, eta=eta, clip_skip=clip_skip,
+    return dict(steps=steps, sampler=sampler or model.sampling["sampler"], schedule=schedule,
+                scale=model.sampling["scale"] if scale is None else scale, eta=eta, clip_skip=clip_skip,
                 subseed=subseed, subseed_strength=subseed_strength)
 
 
@@ -140,6 +145,7 @@ class StableDiffusion:
     embeddings: EmbeddingLibrary | None = None  # textual inversion files, used where a prompt names them
     lora_dir: Path | None = None  # where <lora:name:weight> in a prompt looks for name.safetensors
     loras: tuple[LoraUse, ...] = ()  # merged into every render, with those the prompt names
+    sampling: dict = field(default_factory=lambda: dict(SAMPLING))  # sampler and scale when a call names none
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "auto", dtype: str | torch.dtype | None = None, *,
@@ -174,7 +180,8 @@ class StableDiffusion:
                    variant=spec.variant, model_hash=cached_hash(path) if path.is_file() else None,
                    low_res_schedule=spec.low_res_schedule,
                    embeddings=EmbeddingLibrary(embeddings_dir) if embeddings_dir is not None else None,
-                   lora_dir=Path(lora_dir) if lora_dir is not None else None, **built).use_loras(loras)
+                   lora_dir=Path(lora_dir) if lora_dir is not None else None, sampling={**SAMPLING, **spec.sampling},
+                   **built).use_loras(loras)
 
     def __post_init__(self):
         self._denoiser = Denoiser(self.unet, self.schedule)
@@ -204,24 +211,25 @@ class StableDiffusion:
         return prompts, negatives, seeds
 
     def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int = 20,
-                sampler: str = "DPM++ 2M Karras", schedule: str | None = None, scale: float = 7.5,
+                sampler: str | None = None, schedule: str | None = None, scale: float | None = None,
                 eta: float | None = None, clip_skip: int = 1, width: int | None = None, height: int | None = None,
                 seed: int | list[int] | None = None, subseed: int | None = None,
                 subseed_strength: float = 0.0, batch_size: int = 1, hires: Hires | None = None,
                 callback: Callable | None = None) -> list[Image.Image]:
         """Images for a prompt (batch_size of them) or one per prompt in a list; image i uses seed + i (or
-        seed[i]). schedule None: the one in the sampler's name ("... Karras"), else the model's own. clip_skip:
+        seed[i]). sampler, scale None: the model's own defaults (`model.sampling`; DPM++ 2M Karras and 7.5 unless its
+        config names others). schedule None: the one in the sampler's name ("... Karras"), else the model's own. clip_skip:
         1 uses the text encoder's usual layer, 2 the one before it (through the final layer norm), and so on.
         subseed, subseed_strength: variation seeds (image i's noise slerped towards subseed + i's). hires: a second
         pass at a larger size (AUTOMATIC1111's hires fix)."""
         prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
         return run_txt2img(self, prompts, negatives, seeds, width=width or self.native_size,
                            height=height or self.native_size, hires=hires, callback=callback,
-                           **_sampling(steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
+                           **_sampling(self, steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
 
     def img2img(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
-                strength: float = 0.75, steps: int = 20, sampler: str = "DPM++ 2M Karras", schedule: str | None = None,
-                scale: float = 7.5, eta: float | None = None, clip_skip: int = 1, width: int | None = None,
+                strength: float = 0.75, steps: int = 20, sampler: str | None = None, schedule: str | None = None,
+                scale: float | None = None, eta: float | None = None, clip_skip: int = 1, width: int | None = None,
                 height: int | None = None, resize_mode: str = "just-resize", seed: int | list[int] | None = None,
                 subseed: int | None = None, subseed_strength: float = 0.0, batch_size: int = 1,
                 callback: Callable | None = None) -> list[Image.Image]:
@@ -232,12 +240,12 @@ class StableDiffusion:
         w, h = _size(init, width, height)
         return image_pipelines.img2img(self, [init] * len(prompts), prompts, negatives, seeds, strength=strength,
                                        width=w, height=h, resize_mode=resize_mode, callback=callback,
-                                       **_sampling(steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
+                                       **_sampling(self, steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
 
     def depth2img(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "",
                   *, depth_map: Image.Image | str | Path | None = None, depth_model: str | Path | None = None,
-                  strength: float = 0.8, steps: int = 20, sampler: str = "DPM++ 2M Karras", schedule: str | None = None,
-                  scale: float = 7.5, eta: float | None = None, clip_skip: int = 1, width: int | None = None,
+                  strength: float = 0.8, steps: int = 20, sampler: str | None = None, schedule: str | None = None,
+                  scale: float | None = None, eta: float | None = None, clip_skip: int = 1, width: int | None = None,
                   height: int | None = None, resize_mode: str = "just-resize", seed: int | list[int] | None = None,
                   subseed: int | None = None, subseed_strength: float = 0.0, batch_size: int = 1,
                   callback: Callable | None = None) -> list[Image.Image]:
@@ -255,12 +263,12 @@ class StableDiffusion:
         return image_pipelines.img2img(self, [init] * len(prompts), prompts, negatives, seeds, strength=strength,
                                        width=w, height=h, resize_mode=resize_mode, callback=callback,
                                        depths=[depth] * len(prompts),
-                                       **_sampling(steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
+                                       **_sampling(self, steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
 
     def inpaint(self, image: Image.Image | str | Path, mask: Image.Image | str | Path, prompt: str | list[str],
                 negative_prompt: str | list[str] = "", *, strength: float = 1.0, fill: str = "original",
                 mask_blur: int = 4, invert_mask: bool = False, only_masked: bool = False, padding: int = 32,
-                steps: int = 20, sampler: str = "DPM++ 2M Karras", schedule: str | None = None, scale: float = 7.5,
+                steps: int = 20, sampler: str | None = None, schedule: str | None = None, scale: float | None = None,
                 eta: float | None = None, clip_skip: int = 1, width: int | None = None, height: int | None = None,
                 resize_mode: str = "just-resize", seed: int | list[int] | None = None, subseed: int | None = None,
                 subseed_strength: float = 0.0, batch_size: int = 1,
@@ -276,7 +284,7 @@ class StableDiffusion:
             return image_pipelines.inpaint(self, [img] * len(prompts), [msk] * len(prompts), prompts, negatives, seeds,
                                            width=w, height=h, strength=strength, fill=fill, mask_blur=mask_blur,
                                            resize_mode=resize_mode, callback=callback, **extra,
-                                           **_sampling(steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
+                                           **_sampling(self, steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
         if not only_masked:
             return run(init, mask_image, invert_mask=invert_mask)
         base, mask_image = common_fit(init, w, h, resize_mode), common_fit(mask_image, w, h, resize_mode)
@@ -285,7 +293,7 @@ class StableDiffusion:
 
     def upscale(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
                 noise_level: int = 20, tile: int = 128, overlap: int = 32, steps: int = 20,
-                sampler: str = "DPM++ 2M Karras", schedule: str | None = None, scale: float = 9.0,
+                sampler: str | None = None, schedule: str | None = None, scale: float = 9.0,
                 eta: float | None = None, clip_skip: int = 1, seed: int | list[int] | None = None,
                 subseed: int | None = None, subseed_strength: float = 0.0, batch_size: int = 1,
                 callback: Callable | None = None) -> list[Image.Image]:
@@ -295,11 +303,11 @@ class StableDiffusion:
         prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
         return upscale_pipeline(self, [init] * len(prompts), prompts, negatives, seeds, noise_level=noise_level,
                                 tile=tile, overlap=overlap, callback=callback,
-                                **_sampling(steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
+                                **_sampling(self, steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
 
     def outpaint(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "",
                  *, extend: tuple[int, int, int, int] = (0, 0, 0, 0), mask_blur: int = 8, fill: str = "original",
-                 steps: int = 20, sampler: str = "DPM++ 2M Karras", schedule: str | None = None, scale: float = 7.5,
+                 steps: int = 20, sampler: str | None = None, schedule: str | None = None, scale: float | None = None,
                  eta: float | None = None, clip_skip: int = 1, seed: int | list[int] | None = None,
                  subseed: int | None = None, subseed_strength: float = 0.0, batch_size: int = 1,
                  callback: Callable | None = None) -> list[Image.Image]:
@@ -312,4 +320,4 @@ class StableDiffusion:
         return image_pipelines.inpaint(self, [canvas] * len(prompts), [mask] * len(prompts), prompts, negatives, seeds,
                                        width=canvas.width, height=canvas.height, fill=fill, mask_blur=mask_blur,
                                        blur_inward=True, callback=callback,
-                                       **_sampling(steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
+                                       **_sampling(self, steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))

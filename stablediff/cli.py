@@ -56,13 +56,15 @@ def _add_generation(sub, name: str, help_text: str, description: str):
                                             "(default: the small demo model that ships with stablediff)")
     p.add_argument("--outdir", default=f"outputs/{name}-samples", help="where samples/ and grids go")
     p.add_argument("--steps", "--ddim_steps", type=int, default=20, help="sampling steps (default 20)")
-    p.add_argument("--sampler", default="DPM++ 2M Karras", help=f"one of {SAMPLER_HELP} (default DPM++ 2M Karras)")
+    p.add_argument("--sampler", default=None,
+                   help=f"one of {SAMPLER_HELP} (default: the model's own, else DPM++ 2M Karras)")
     p.add_argument("--plms", action="store_true", help="same as --sampler plms")
     p.add_argument("--dpm", action="store_true", help="same as --sampler dpmpp_2m (Stability's SD 2 scripts)")
     p.add_argument("--schedule", default=None,
                    help="default (the model's own spacing), karras, exponential, trailing, leading or linspace "
                         "(default: the one in the sampler's name, else the model's own)")
-    p.add_argument("--scale", "--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale (7.5)")
+    p.add_argument("--scale", "--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's own, else 7.5)")
     p.add_argument("--ddim_eta", "--eta", type=float, default=None, help="noise of DDIM and ancestral samplers")
     p.add_argument("--clip-skip", type=int, default=1, help="1: the text encoder's usual layer; 2: the one before, ...")
     size = "the model's size" if name == "txt2img" else "the init image's, rounded down to a multiple of 8"
@@ -313,8 +315,9 @@ def generate(args) -> None:
 
     _check_numbers(args)
     prompts = read_prompts(args)
-    args.sampler_key, args.schedule_key = parse_sampler("plms" if args.plms else "dpmpp_2m" if args.dpm else args.sampler,
-                                                        args.schedule)
+    sampler = "plms" if args.plms else "dpmpp_2m" if args.dpm else args.sampler
+    # no sampler named: the model's own, known once it is loaded
+    args.sampler_key, args.schedule_key = parse_sampler(sampler, args.schedule) if sampler else (None, args.schedule)
     images = {}
     if args.command == "outpaint":
         try:

@@ -22,7 +22,7 @@ from stablediff.checkpoints.keymaps import ema_key
 from stablediff.checkpoints.original import preset_path
 from stablediff.errors import UserError
 
-from test_txt2img_parity import KARRAS, assert_close, reference_image
+from test_txt2img_parity import KARRAS, TRAILING, assert_close, reference_image
 
 
 def tiny_yaml(path, sd2: bool):
@@ -77,6 +77,33 @@ def test_sd2_openclip_file_with_config(tiny_v_model_dir, tmp_path):
     # the YAML beside the file is found on its own
     tiny_yaml(tmp_path / "v.yaml", sd2=True)
     assert StableDiffusion.load(tmp_path / "v.safetensors", device="cpu").schedule.prediction == "v"
+
+
+def test_yaml_sampling_defaults(files, reference, tmp_path):
+    """stablediff's own keys (the demo model's): `timestep_spacing` is what the `default` schedule samples with,
+    as in a diffusers scheduler config; `default_sampler` and `default_scale` are what a call naming none uses.
+    CompVis configs have none of them: leading, DPM++ 2M Karras, 7.5."""
+    def load(**keys):
+        cfg = yaml.safe_load((files / "tiny-v1.yaml").read_text())
+        cfg["model"]["params"].update(keys)
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        return StableDiffusion.load(files / "tiny.safetensors", device="cpu", dtype="fp32", config=tmp_path / "c.yaml")
+
+    model = load(timestep_spacing="trailing", default_sampler="Euler", default_scale=7.5)
+    assert (model.schedule.spacing, model.sampling) == ("trailing", {"sampler": "Euler", "scale": 7.5})
+    image = model.txt2img("a photo of a cat", steps=20, seed=3, width=64, height=64)
+    assert_close(image, reference_image(reference, "EulerDiscreteScheduler", TRAILING, {}))
+    plain = load()
+    assert (plain.schedule.spacing, plain.sampling) == ("leading", {"sampler": "DPM++ 2M Karras", "scale": 7.5})
+    # the model's scale is the one used: the same image as naming it
+    model = load(default_scale=4)
+    same = model.txt2img("a photo of a cat", steps=4, seed=3, width=64, height=64, scale=4, sampler="DPM++ 2M Karras")
+    assert np.array_equal(np.asarray(model.txt2img("a photo of a cat", steps=4, seed=3, width=64, height=64)[0]),
+                          np.asarray(same[0]))
+    with pytest.raises(UserError, match="timestep_spacing 'uniform'; use one of leading, trailing, linspace"):
+        load(timestep_spacing="uniform")
+    with pytest.raises(UserError, match="default_scale 'high'; give a number"):
+        load(default_scale="high")
 
 
 def test_ema_weights_by_default_raw_with_no_ema(files, tmp_path):

@@ -145,7 +145,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
 def test_shipped_demo_model_is_small_loads_by_default_and_follows_the_prompt(tmp_path):
     assert DEMO_MODEL.is_file() and DEMO_MODEL.stat().st_size < 30 * 2**20
     model = StableDiffusion.load()
-    assert model.native_size == 64 and model.schedule.prediction == "v"
+    assert model.native_size == 64 and model.schedule.prediction == "v" and model.schedule.spacing == "trailing"
     prompts = ["a yellow triangle on a purple background", "a large red circle at the top left on a blue background",
                "a small white square on the right on a green background", "a black background with an orange circle"]
     images = model.txt2img(prompts, scale=5.0, seed=0)
@@ -169,7 +169,9 @@ def test_txt2img_without_a_model_uses_the_demo_model(tmp_path):
     assert cli.main(["txt2img", "a green square on a white background", "--outdir", str(tmp_path), "--seed", "3"]) == 0
     image = Image.open(tmp_path / "samples" / "00000.png")
     assert image.size == (64, 64)
-    assert "Model: shapes-64" in image.info["parameters"]
+    # with its own sampling defaults (its config's), not SD's DPM++ 2M Karras at 7.5
+    assert "Sampler: DPM++ 2M, Schedule type: Automatic, CFG scale: 3, Seed: 3, Size: 64x64, Model: shapes-64" in \
+        image.info["parameters"]
 
 
 def test_eval_demo_command_prints_accuracy_per_attribute(tmp_path, capsys):

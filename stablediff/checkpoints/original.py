@@ -24,6 +24,7 @@ PRESETS = ("v1-inference", "v1-inpainting-inference", "v2-inference", "v2-infere
            "x4-upscaling", "shapes-demo")
 CONFIG_KEY = "stablediff.config"  # safetensors metadata: the model's original YAML config
 TEXT_CONFIG_KEYS = ("width", "layers", "heads", "intermediate", "max_len", "act")
+SPACINGS = ("leading", "trailing", "linspace")
 NATIVE = {("sd1", "epsilon"): 512, ("sd2", "epsilon"): 512, ("sd2", "v"): 768}
 
 
@@ -100,7 +101,7 @@ def clip_from_yaml(params: dict, base: ClipTextConfig) -> ClipTextConfig:
 
 
 def apply_yaml(found: rules.Detected, params: dict) -> tuple[rules.Detected, TrainSchedule, str, int]:
-    """The YAML decides architecture, schedule, prediction and native size."""
+    """The YAML decides architecture, schedule, prediction and native size (and sampling_from_yaml the defaults)."""
     vae = vae_from_yaml(params)
     found = replace(found, unet=unet_from_yaml(params["unet_config"]["params"]), vae=vae,
                     clip=clip_from_yaml(params, found.clip))
@@ -110,15 +111,33 @@ def apply_yaml(found: rules.Detected, params: dict) -> tuple[rules.Detected, Tra
 
 
 def schedule_from_yaml(params: dict) -> TrainSchedule:
+    """`timestep_spacing` is stablediff's own key (like `text_config`): how the model's default schedule spaces
+    its sampling steps, as in a diffusers scheduler config. CompVis configs have none: leading, as SD samples."""
     prediction = "v" if params.get("parameterization", "eps") == "v" else "epsilon"
+    spacing = params.get("timestep_spacing", "leading")
+    if spacing not in SPACINGS:
+        raise UserError(f"the model's YAML config has timestep_spacing {spacing!r}; use one of {', '.join(SPACINGS)}")
     return train_schedule(params.get("linear_start", 0.00085), params.get("linear_end", 0.012),
-                          params.get("timesteps", 1000), prediction)
+                          params.get("timesteps", 1000), prediction, spacing)
 
 
-def train_schedule(start=0.00085, end=0.012, steps=1000, prediction="epsilon") -> TrainSchedule:
+def sampling_from_yaml(params: dict) -> dict:
+    """stablediff's own `default_sampler` and `default_scale` keys: what the model samples with when not told
+    (the demo model's; a real SD config has neither, and the usual DPM++ 2M Karras at 7.5 applies)."""
+    sampling = {}
+    if "default_sampler" in params:
+        sampling["sampler"] = str(params["default_sampler"])
+    if "default_scale" in params:
+        if not isinstance(params["default_scale"], (int, float)):
+            raise UserError(f"the model's YAML config has default_scale {params['default_scale']!r}; give a number")
+        sampling["scale"] = float(params["default_scale"])
+    return sampling
+
+
+def train_schedule(start=0.00085, end=0.012, steps=1000, prediction="epsilon", spacing="leading") -> TrainSchedule:
     # CompVis' "linear" beta schedule is linear in sqrt(beta): diffusers' scaled_linear
     return TrainSchedule(beta_start=start, beta_end=end, num_train_timesteps=steps, prediction=prediction,
-                         spacing="leading", steps_offset=1, set_alpha_to_one=False)
+                         spacing=spacing, steps_offset=1, set_alpha_to_one=False)
 
 
 def _strip(sd: dict, prefix: str) -> dict:
@@ -130,10 +149,11 @@ def read(path: Path, config: str | Path | None = None, use_ema: bool = True, pre
     sd = read_state_dict(path, unsafe_pickle)
     found = rules.detect({k: tuple(v.shape) for k, v in sd.items()}, str(path))
     text = find_config(path, config)
-    native = None
+    native, sampling = None, {}
     if text is not None:
-        found, schedule, from_yaml, native = apply_yaml(found, parse_yaml(text, str(config or path)))
-        prediction = prediction or from_yaml
+        params = parse_yaml(text, str(config or path))
+        found, schedule, from_yaml, native = apply_yaml(found, params)
+        prediction, sampling = prediction or from_yaml, sampling_from_yaml(params)
     else:
         prediction = prediction or found.prediction
         schedule = train_schedule(0.0001, 0.02) if found.variant == "upscaler" else train_schedule()
@@ -155,4 +175,4 @@ def read(path: Path, config: str | Path | None = None, use_ema: bool = True, pre
                      variant=found.variant, prediction_known=prediction is not None,
                      ema=use_ema if found.ema else None,
                      low_res_schedule=train_schedule(0.0001, 0.02) if found.variant == "upscaler" else None,
-                     config_text=text)
+                     config_text=text, sampling=sampling)

@@ -29,3 +29,4 @@ class ModelSpec:
     ema: bool | None = None  # the EMA weights were used (None: the source has none)
     low_res_schedule: TrainSchedule | None = None  # x4 upscaler: how its low-res input is noised
     config_text: str | None = None  # the original YAML config used, carried into files written from this spec
+    sampling: dict = field(default_factory=dict)  # the model's own defaults: sampler, scale (from its YAML)

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 class Settings:
     config: str = "shapes-demo"
     data: str = "shapes"
-    images: int = 20000  # pictures in the dataset
+    images: int = 60000  # pictures in the dataset
     vae_steps: int = 2000
     vae_batch: int = 16
     vae_crop: int = 32  # crop side for the first 80% of VAE steps (whole pictures after)
@@ -14,7 +14,7 @@ class Settings:
     text_steps: int = 400  # the text encoder alone, learning to read captions
     text_batch: int = 128
     text_lr: float = 1e-3
-    steps: int = 8000  # text encoder + UNet
+    steps: int = 10000  # text encoder + UNet
     batch: int = 32
     lr: float = 5e-4
     joint_text_lr: float = 5e-5  # the text encoder's rate while it trains along with the UNet
