@@ -26,7 +26,7 @@ from stablediff.models.unet import UNet
 from stablediff.models.vae import AutoencoderKL
 from stablediff.pipelines import img2img as image_pipelines
 from stablediff.pipelines.common import fit as common_fit
-from stablediff.pipelines.common import load_image
+from stablediff.pipelines.common import load_image, parse_sampler
 from stablediff.pipelines.depth import NO_DEPTH_SOURCE, depth_from_image, estimate_depth
 from stablediff.pipelines.txt2img import Hires
 from stablediff.pipelines.txt2img import txt2img as run_txt2img
@@ -166,6 +166,11 @@ class StableDiffusion:
         dev = resolve_device(device) if isinstance(device, str) else device
         dt = resolve_dtype(dtype, dev)
         spec = read_spec(path, config, use_ema, prediction, unsafe_pickle, vae)
+        if "sampler" in spec.sampling:  # a bad name in the model's config fails here, not at the first render
+            try:
+                parse_sampler(spec.sampling["sampler"])
+            except UserError as e:
+                raise UserError(f"the model's YAML config has default_sampler: {e}") from None
         built = {part: _build(cls_, cfg, *spec.weights[part], part, dt, dev)
                  for part, cls_, cfg in (("text_encoder", ClipTextModel, spec.clip), ("unet", UNet, spec.unet),
                                          ("vae", AutoencoderKL, spec.vae))}
@@ -217,9 +222,9 @@ class StableDiffusion:
                 subseed_strength: float = 0.0, batch_size: int = 1, hires: Hires | None = None,
                 callback: Callable | None = None) -> list[Image.Image]:
         """Images for a prompt (batch_size of them) or one per prompt in a list; image i uses seed + i (or
-        seed[i]). sampler, scale None: the model's own defaults (`model.sampling`; DPM++ 2M Karras and 7.5 unless its
-        config names others). schedule None: the one in the sampler's name ("... Karras"), else the model's own. clip_skip:
-        1 uses the text encoder's usual layer, 2 the one before it (through the final layer norm), and so on.
+        seed[i]). sampler, scale None: the model's own defaults (`model.sampling`; DPM++ 2M Karras and 7.5 unless
+        its config names others). schedule None: the one in the sampler's name ("... Karras"), else the model's own.
+        clip_skip: 1 uses the text encoder's usual layer, 2 the one before it (through the final layer norm), and so on.
         subseed, subseed_strength: variation seeds (image i's noise slerped towards subseed + i's). hires: a second
         pass at a larger size (AUTOMATIC1111's hires fix)."""
         prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)

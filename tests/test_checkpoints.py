@@ -104,6 +104,8 @@ def test_yaml_sampling_defaults(files, reference, tmp_path):
         load(timestep_spacing="uniform")
     with pytest.raises(UserError, match="default_scale 'high'; give a number"):
         load(default_scale="high")
+    with pytest.raises(UserError, match="config has default_sampler: unknown sampler 'Euler b'"):
+        load(default_sampler="Euler b")
 
 
 def test_ema_weights_by_default_raw_with_no_ema(files, tmp_path):
