@@ -315,9 +315,8 @@ def generate(args) -> None:
 
     _check_numbers(args)
     prompts = read_prompts(args)
-    sampler = "plms" if args.plms else "dpmpp_2m" if args.dpm else args.sampler
-    # no sampler named: the model's own, known once it is loaded
-    args.sampler_key, args.schedule_key = parse_sampler(sampler, args.schedule) if sampler else (None, args.schedule)
+    args.sampler_key, args.schedule_key = parse_sampler("plms" if args.plms else "dpmpp_2m" if args.dpm else args.sampler,
+                                                        args.schedule)
     images = {}
     if args.command == "outpaint":
         try:

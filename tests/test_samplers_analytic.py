@@ -82,6 +82,7 @@ def test_sampler_names(given, expected):
 
 def test_explicit_schedule_wins_and_unknown_names_list_the_valid_ones():
     assert parse_sampler("DPM++ 2M Karras", "trailing") == ("dpmpp_2m", "trailing")
+    assert parse_sampler(None) == (None, None) and parse_sampler(None, "karras") == (None, "karras")
     with pytest.raises(UserError, match="dpmpp_2m_sde"):
         parse_sampler("dpm++ 9000")
     with pytest.raises(UserError, match="karras"):

@@ -23,8 +23,17 @@ _A1111.update({"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_he
                "k_dpm_2_a": "dpm2_a", "dpm++ 2m sde": "dpmpp_2m_sde", "uni_pc": "unipc"})
 
 
-def parse_sampler(name: str, schedule: str | None = None) -> tuple[str, str]:
-    """(sampler key, schedule) from our names or A1111's ("DPM++ 2M Karras" -> dpmpp_2m, karras)."""
+def _check_schedule(schedule: str) -> str:
+    if schedule not in SCHEDULES:
+        raise UserError(f"unknown schedule {schedule!r}; choose from: {', '.join(SCHEDULES)}")
+    return schedule
+
+
+def parse_sampler(name: str | None, schedule: str | None = None) -> tuple[str | None, str | None]:
+    """(sampler key, schedule) from our names or A1111's ("DPM++ 2M Karras" -> dpmpp_2m, karras). name None (the
+    model's own sampler, known once it is loaded): only a given schedule is checked, and both stay to resolve."""
+    if name is None:
+        return None, schedule and _check_schedule(schedule)
     key = name.strip().lower()
     for suffix in ("karras", "exponential"):
         if key.endswith(" " + suffix):
@@ -33,10 +42,7 @@ def parse_sampler(name: str, schedule: str | None = None) -> tuple[str, str]:
     if key not in SAMPLERS:
         raise UserError(f"unknown sampler {name!r}; choose from: {', '.join(SAMPLERS)} "
                         "(AUTOMATIC1111 names such as \"DPM++ 2M Karras\" work too)")
-    schedule = schedule or "default"
-    if schedule not in SCHEDULES:
-        raise UserError(f"unknown schedule {schedule!r}; choose from: {', '.join(SCHEDULES)}")
-    return key, schedule
+    return key, _check_schedule(schedule or "default")
 
 
 def sampler_sigmas(denoiser: Denoiser, sched, sampler: Sampler, steps: int, schedule: str) -> torch.Tensor:
