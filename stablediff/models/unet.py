@@ -7,6 +7,7 @@ from torch import nn
 
 from stablediff.nn.attention import CrossAttention
 from stablediff.nn.layers import Downsample, Upsample, embedding, group_norm, timestep_embedding
+from stablediff.nn.winograd import Conv3x3
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,10 @@ SD2_UNET = UNetConfig(heads=(5, 10, 20, 20), context_dim=1024, use_linear_proj=T
 class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, emb_dim: int, groups: int):
         super().__init__()
-        self.in_layers = nn.Sequential(group_norm(cin, groups=groups), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.in_layers = nn.Sequential(group_norm(cin, groups=groups), nn.SiLU(), Conv3x3(cin, cout))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
         self.out_layers = nn.Sequential(
-            group_norm(cout, groups=groups), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(cout, cout, 3, padding=1)
+            group_norm(cout, groups=groups), nn.SiLU(), nn.Dropout(0.0), Conv3x3(cout, cout)
         )
         self.skip_connection = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -147,7 +148,7 @@ class UNet(nn.Module):
             cross = bool(cfg.cross_only) and cfg.cross_only[level]
             return [SpatialTransformer(ch, cfg.heads[level], cfg.transformer_depth, cfg, cross)]
 
-        self.input_blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([nn.Sequential(Conv3x3(cfg.in_channels, mc))])
         skips, ch = [mc], mc
         levels = len(cfg.channel_mult)
         for level, mult in enumerate(cfg.channel_mult):
@@ -175,7 +176,7 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(nn.Sequential(*layers))
 
-        self.out = nn.Sequential(group_norm(ch, groups=groups), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(ch, groups=groups), nn.SiLU(), Conv3x3(ch, cfg.out_channels))
 
     def forward(self, x, t, context, y=None):
         emb = timestep_embedding(t.expand(x.shape[0]), self.config.model_channels).to(x.dtype)

@@ -8,6 +8,7 @@ from torch import nn
 from stablediff.nn.attention import attention
 from stablediff.nn.layers import Downsample, Upsample, group_norm
 from stablediff.nn.banded import conv_rows
+from stablediff.nn.winograd import Conv3x3
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,9 @@ class ResnetBlock(nn.Module):
     def __init__(self, cin: int, cout: int, groups: int):
         super().__init__()
         self.norm1 = group_norm(cin, eps=1e-6, groups=groups)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = Conv3x3(cin, cout)
         self.norm2 = group_norm(cout, eps=1e-6, groups=groups)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv2 = Conv3x3(cout, cout)
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
@@ -112,7 +113,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         g, chs = cfg.norm_groups, [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.conv_in = Conv3x3(cfg.in_channels, cfg.ch)
         self.down = nn.ModuleList()
         cin = cfg.ch
         for i, cout in enumerate(chs):
@@ -124,7 +125,7 @@ class Encoder(nn.Module):
             cin = cout
         self.mid = _Mid(cin, g)
         self.norm_out = group_norm(cin, eps=1e-6, groups=g)
-        self.conv_out = nn.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)
+        self.conv_out = Conv3x3(cin, 2 * cfg.z_channels)
 
     def layers(self):
         """The layers in the order they run (run_banded runs the same list)."""
@@ -145,7 +146,7 @@ class Decoder(nn.Module):
         super().__init__()
         g, chs = cfg.norm_groups, [cfg.ch * m for m in cfg.ch_mult]
         cin = chs[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, cin, 3, padding=1)
+        self.conv_in = Conv3x3(cfg.z_channels, cin)
         self.mid = _Mid(cin, g)
         levels = [None] * len(chs)  # up[i] is stored at its resolution index, run from deepest to 0
         for i in reversed(range(len(chs))):
@@ -157,7 +158,7 @@ class Decoder(nn.Module):
             cin = chs[i]
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(cin, eps=1e-6, groups=g)
-        self.conv_out = nn.Conv2d(cin, cfg.in_channels, 3, padding=1)
+        self.conv_out = Conv3x3(cin, cfg.in_channels)
 
     def layers(self):
         """The layers in the order they run (run_banded runs the same list)."""

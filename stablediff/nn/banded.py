@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stablediff.nn import winograd
+
 BAND_ELEMENTS = 1 << 22  # elements of one band's widest temporary (16 MiB in fp32)
 
 
@@ -72,7 +74,11 @@ def conv_rows(x: torch.Tensor, conv: nn.Conv2d, norm: nn.GroupNorm | None = None
             src = _norm_silu(src, norm, stats)
         if upsample:
             src = F.interpolate(src, scale_factor=2.0, mode="nearest")[:, :, a % 2:a % 2 + z - a]
-        band = F.conv2d(F.pad(src, (left, right, a - lo, hi - z)), conv.weight, conv.bias, stride=s)
+        src = F.pad(src, (left, right, a - lo, hi - z))
+        if winograd.applies(conv, src, padded=True):
+            band = winograd.conv3x3(src, conv.weight, conv.bias)
+        else:
+            band = F.conv2d(src, conv.weight, conv.bias, stride=s)
         if into is not None:
             out[:, :, o0:o1] += band
         else:

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stablediff.nn.winograd import Conv3x3
+
 
 def embedding(num: int, dim: int) -> nn.Embedding:
     """An nn.Embedding without its normal_ init: weights come from checkpoints, and on the meta device that
@@ -47,7 +49,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv3x3(channels, channels)
 
     def forward(self, x, size=None):
         if size is None:
