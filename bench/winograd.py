@@ -8,6 +8,7 @@ Appends a table to BENCHMARKS.md.
 """
 import argparse
 import collections
+import functools
 import statistics
 import sys
 import time
@@ -41,8 +42,9 @@ def conv_shapes(size: int) -> collections.Counter:
             if isinstance(m, torch.nn.Conv2d):
                 m.register_forward_hook(counter(name))
     with torch.no_grad():
-        unet(torch.empty(2, 4, s, s, device="meta"), torch.empty(2, device="meta"), torch.empty(2, 77, 768, device="meta"))
-        vae.decode(torch.empty(1, 4, s, s, device="meta"))
+        meta = functools.partial(torch.empty, device="meta")
+        unet(meta(2, 4, s, s), meta(2), meta(2, 77, 768))
+        vae.decode(meta(1, 4, s, s))
     return shapes
 
 
@@ -60,8 +62,8 @@ def main() -> None:
         bias = torch.randn(k, generator=g)
         with torch.no_grad():
             taken = winograd.applies(torch.nn.Conv2d(c, k, 3, padding=1), x)
-            direct, wino = paired(lambda: F.conv2d(x, weight, bias, padding=1),
-                                  lambda: winograd.conv3x3(F.pad(x, (1, 1, 1, 1)), weight, bias), args.reps)
+            direct, wino = paired(lambda: F.conv2d(x, weight, bias, padding=1), lambda: winograd.conv3x3(
+                F.pad(x, (1, 1, 1, 1)), winograd.filters(weight), bias), args.reps)
         totals[model][0] += count * direct
         totals[model][1] += count * (wino if taken else direct)
         rows.append(f"| {model} | {n} x {c} x {h} x {w} -> {k} | {count} | {direct * 1e3:.0f} ms | "

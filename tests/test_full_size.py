@@ -1,5 +1,5 @@
-"""The same parity on a full-size SD 1.5-shaped random model (860M-parameter UNet), at 64x64 pixels (and one image at 256x256), from
-the diffusers folder and from single files in the original layout recognised with no config.
+"""The same parity on a full-size SD 1.5-shaped random model (860M-parameter UNet), at 64x64 pixels (and one
+image at 256x256), from the diffusers folder and from single files in the original layout recognised with no config.
 
 Opt-in: `python -m pytest --runslow tests/test_full_size.py` (about 10 GB of memory, a few minutes on 2 cores).
 """
@@ -88,7 +88,8 @@ def test_image_at_256_with_winograd_convolutions_matches_diffusers(pair):
     with torch.no_grad():
         assert winograd.applies(ours.unet.input_blocks[1][0].in_layers[2], torch.empty(2, 320, 32, 32))
         assert winograd.applies(ours.vae.decoder.up[2].block[0].conv1, torch.empty(1, 512, 64, 64))
-    expected = reference_image(ref, "DPMSolverMultistepScheduler", KARRAS, {}, prompt="a red house", size=(256, 256))
+    expected = reference_image(ref, "DPMSolverMultistepScheduler", KARRAS, {}, prompt="a red house",
+                               size=(256, 256))
     assert_close(ours.txt2img("a red house", steps=20, sampler="dpmpp_2m", schedule="karras", seed=3, width=256,
                               height=256), expected)
 

@@ -24,16 +24,16 @@ def test_equals_the_direct_convolution_within_its_rounding(n, c, k, h, w, with_b
     x, weight, bias = _case(n, c, k, h, w)
     bias = bias if with_bias else None
     exact = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=1)
-    got = winograd.conv3x3(F.pad(x, (1, 1, 1, 1)), weight, bias)
+    got = winograd.conv3x3(F.pad(x, (1, 1, 1, 1)), winograd.filters(weight), bias)
     assert got.shape == exact.shape and got.is_contiguous()
     assert exact.std() > 0.2 and (got.double() - exact).abs().max().item() < 1e-4
 
 
 def test_bands_of_tile_rows_give_the_same_result(monkeypatch):
     x, weight, bias = _case(2, 16, 24, 37, 21)
-    whole = winograd.conv3x3(F.pad(x, (1, 1, 1, 1)), weight, bias)
+    whole = winograd.conv3x3(F.pad(x, (1, 1, 1, 1)), winograd.filters(weight), bias)
     monkeypatch.setattr(winograd, "MAX_WORKSPACE", 36 * 2 * 6 * (16 + 24) * 2)  # 2 tile rows per band
-    assert torch.equal(winograd.conv3x3(F.pad(x, (1, 1, 1, 1)), weight, bias), whole)
+    assert torch.equal(winograd.conv3x3(F.pad(x, (1, 1, 1, 1)), winograd.filters(weight), bias), whole)
 
 
 def test_taken_only_for_fp32_cpu_inference_with_enough_channels_and_tiles():

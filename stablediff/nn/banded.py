@@ -65,6 +65,7 @@ def conv_rows(x: torch.Tensor, conv: nn.Conv2d, norm: nn.GroupNorm | None = None
     out = into if into is not None else torch.empty(b, conv.out_channels, h_out, w_out, dtype=x.dtype, device=x.device)
     stats = group_stats(x, norm.num_groups, norm.eps) if norm is not None else None
     rows = max(1, band_rows(max(c, conv.out_channels), w_in) // s)
+    u = None  # the conv's filters transformed for Winograd, where its bands go that way
     for o0 in range(0, h_out, rows):
         o1 = min(h_out, o0 + rows)
         lo, hi = o0 * s - top, (o1 - 1) * s + k - top  # input rows needed, in the (upsampled) image
@@ -76,7 +77,8 @@ def conv_rows(x: torch.Tensor, conv: nn.Conv2d, norm: nn.GroupNorm | None = None
             src = F.interpolate(src, scale_factor=2.0, mode="nearest")[:, :, a % 2:a % 2 + z - a]
         src = F.pad(src, (left, right, a - lo, hi - z))
         if winograd.applies(conv, src, padded=True):
-            band = winograd.conv3x3(src, conv.weight, conv.bias)
+            u = winograd.filters(conv.weight) if u is None else u  # once for all the bands
+            band = winograd.conv3x3(src, u, conv.bias)
         else:
             band = F.conv2d(src, conv.weight, conv.bias, stride=s)
         if into is not None:

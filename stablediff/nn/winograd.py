@@ -52,15 +52,20 @@ def applies(conv: nn.Conv2d, x: torch.Tensor, padded: bool = False) -> bool:
     return c * k / (c + k) >= MIN_CHANNELS and n * -(-h // 4) * -(-w // 4) >= MIN_TILES
 
 
-def conv3x3(padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.conv2d(padded, weight, bias) (no padding of its own) by F(4x4, 3x3): padded (n, c, h+2, w+2) and weight
-    (k, c, 3, 3) -> (n, k, h, w). In bands of tile rows that keep the workspace within MAX_WORKSPACE floats."""
+def filters(weight: torch.Tensor) -> torch.Tensor:
+    """(k, c, 3, 3) weights -> (36, k, c): each filter's G g G^T, for conv3x3."""
+    k, c = weight.shape[:2]
+    return torch.mm(_transforms(weight.device)[1], weight.reshape(k * c, 9).t()).view(36, k, c)
+
+
+def conv3x3(padded: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.conv2d(padded, weight, bias) (no padding of its own) by F(4x4, 3x3), with u = filters(weight): padded
+    (n, c, h+2, w+2) -> (n, k, h, w). In bands of tile rows that keep the workspace within MAX_WORKSPACE floats."""
     n, c, h, w = padded.shape
-    h, w, k = h - 2, w - 2, weight.shape[0]
+    h, w, k = h - 2, w - 2, u.shape[1]
     nh, nw = -(-h // 4), -(-w // 4)  # output tiles down and across; the last ones may overhang the image
     if (4 * nh, 4 * nw) != (h, w):
         padded = F.pad(padded, (0, 4 * nw - w, 0, 4 * nh - h))
-    u = torch.mm(_transforms(padded.device)[1], weight.reshape(k * c, 9).t()).view(36, k, c)  # filters' G g G^T
     y = torch.empty(n, k, 4 * nh, 4 * nw, dtype=padded.dtype, device=padded.device)
     band = max(1, MAX_WORKSPACE // (36 * n * nw * (c + k)))
     for top in range(0, nh, band):
@@ -94,5 +99,5 @@ class Conv3x3(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if applies(self, x):
-            return conv3x3(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias)
+            return conv3x3(F.pad(x, (1, 1, 1, 1)), filters(self.weight), self.bias)
         return super().forward(x)
