@@ -29,11 +29,13 @@ def test_equals_the_direct_convolution_within_its_rounding(n, c, k, h, w, with_b
     assert exact.std() > 0.2 and (got.double() - exact).abs().max().item() < 1e-4
 
 
-def test_bands_of_tile_rows_give_the_same_result(monkeypatch):
+def test_bands_of_tile_rows_and_groups_of_outputs_give_the_same_result(monkeypatch):
     x, weight, bias = _case(2, 16, 24, 37, 21)
     whole = winograd.conv3x3(F.pad(x, (1, 1, 1, 1)), winograd.filters(weight), bias)
-    monkeypatch.setattr(winograd, "MAX_WORKSPACE", 36 * 2 * 6 * (16 + 24) * 2)  # 2 tile rows per band
-    assert torch.equal(winograd.conv3x3(F.pad(x, (1, 1, 1, 1)), winograd.filters(weight), bias), whole)
+    monkeypatch.setattr(winograd, "MAX_BUFFER", 36 * 16 * 10)  # output channels in groups of 10, 1 tile row a band
+    parts = winograd.filters(weight)
+    assert [u.shape[1] for u in parts] == [10, 10, 4]
+    assert torch.equal(winograd.conv3x3(F.pad(x, (1, 1, 1, 1)), parts, bias), whole)
 
 
 def test_taken_only_for_fp32_cpu_inference_with_enough_channels_and_tiles():

@@ -5,10 +5,10 @@ A direct 3x3 convolution does 9 multiply-adds per output pixel and channel pair.
 input channels as 36 matrix products, and transforms the products back to a 4x4 output tile (A^T p A): 36
 multiply-adds per 16 outputs, 4x fewer. The transforms are memory passes, and the filters' are redone at every
 call (kept, they would take 4x the conv weights' memory), so it pays only where many channels share the tiles'
-transforms and many tiles the filters': in SD's UNet at 32x32 and 64x64 latents (512x512 and larger images)
-and in the VAE decoder's 512-channel layers (bench/winograd.py). Elsewhere, and on GPUs, in half precision or
-when training, the direct convolution runs. The result differs from the direct one at float rounding: a few
-1e-5 on unit-scale outputs, as the direct convolution's own error against fp64 (tests/test_winograd.py).
+transforms and many tiles the filters': in SD's UNet at 32x32 and 64x64 latents (256x256 and larger images)
+and in the VAE's 256- and 512-channel layers (bench/winograd.py). Elsewhere, and on GPUs, in half precision or
+when training, the direct convolution runs. The result differs from the direct one at float rounding: within
+5e-5 of fp64 on unit-scale outputs, where the direct convolution is within 3e-6 to 3e-5 (tests/test_winograd.py).
 """
 import functools
 
@@ -18,12 +18,13 @@ from torch import nn
 
 # Where it pays on a CPU: both channel counts large enough, c*k/(c+k) of at least this, that the matrix
 # products outweigh the tiles' transforms...
-MIN_CHANNELS = 150.0
+MIN_CHANNELS = 100.0
 # ...and enough 4x4 output tiles (over the batch) that the products outweigh the filters' transforms.
 MIN_TILES = 128
-# The transformed tiles and products (each 2.25x the input or output) are made in bands of tile rows of at
-# most this many floats (512 MiB).
-MAX_WORKSPACE = 1 << 27
+# The transformed filters go in groups of output channels, and the transformed tiles and products in bands of
+# tile rows, each buffer at most this many floats (32 MiB): glibc gives larger blocks fresh pages at every call,
+# and with them faulting in, the layers measured about 30% slower.
+MAX_BUFFER = 1 << 23
 
 _BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
        (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
@@ -52,42 +53,47 @@ def applies(conv: nn.Conv2d, x: torch.Tensor, padded: bool = False) -> bool:
     return c * k / (c + k) >= MIN_CHANNELS and n * -(-h // 4) * -(-w // 4) >= MIN_TILES
 
 
-def filters(weight: torch.Tensor) -> torch.Tensor:
-    """(k, c, 3, 3) weights -> (36, k, c): each filter's G g G^T, for conv3x3."""
+def filters(weight: torch.Tensor) -> list[torch.Tensor]:
+    """(k, c, 3, 3) weights -> each filter's G g G^T, for conv3x3: (36, k', c) for groups of output channels
+    that keep each within MAX_BUFFER floats."""
     k, c = weight.shape[:2]
-    return torch.mm(_transforms(weight.device)[1], weight.reshape(k * c, 9).t()).view(36, k, c)
+    g = _transforms(weight.device)[1]
+    group = max(1, MAX_BUFFER // (36 * c))
+    return [torch.mm(g, w.reshape(-1, 9).t()).view(36, -1, c) for w in weight.split(group)]
 
 
-def conv3x3(padded: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def conv3x3(padded: torch.Tensor, u: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
     """F.conv2d(padded, weight, bias) (no padding of its own) by F(4x4, 3x3), with u = filters(weight): padded
-    (n, c, h+2, w+2) -> (n, k, h, w). In bands of tile rows that keep the workspace within MAX_WORKSPACE floats."""
+    (n, c, h+2, w+2) -> (n, k, h, w). In bands of tile rows whose buffers stay within MAX_BUFFER floats."""
     n, c, h, w = padded.shape
-    h, w, k = h - 2, w - 2, u.shape[1]
+    h, w, k = h - 2, w - 2, sum(part.shape[1] for part in u)
     nh, nw = -(-h // 4), -(-w // 4)  # output tiles down and across; the last ones may overhang the image
     if (4 * nh, 4 * nw) != (h, w):
         padded = F.pad(padded, (0, 4 * nw - w, 0, 4 * nh - h))
+    bt, _, at = _transforms(padded.device)
     y = torch.empty(n, k, 4 * nh, 4 * nw, dtype=padded.dtype, device=padded.device)
-    band = max(1, MAX_WORKSPACE // (36 * n * nw * (c + k)))
+    groups = [part.shape[1] for part in u]
+    biases = [None] * len(u) if bias is None else bias.split(groups)
+    band = max(1, MAX_BUFFER // (36 * n * nw * max(c, *groups)))
     for top in range(0, nh, band):
-        rows = min(band, nh - top)
-        y[:, :, 4 * top:4 * (top + rows)] = _tiles_conv(padded[:, :, 4 * top:4 * (top + rows) + 2], u, bias)
+        src = padded[:, :, 4 * top:4 * (top + band) + 2].transpose(0, 1)  # (c, n, 4rows+2, 4nw+2)
+        # (c, n, rows, nw, 6, 6) -> (c*n*rows*nw, 36): the input tiles, overlapping by 2, in one copy
+        v = torch.mm(bt, src.unfold(2, 6, 4).unfold(3, 6, 4).reshape(-1, 36).t()).view(36, c, -1)  # B^T d B
+        for part, b, out in zip(u, biases, y[:, :, 4 * top:4 * (top + band)].split(groups, dim=1)):
+            _products(v, part, b, at, out)
     return y if (4 * nh, 4 * nw) == (h, w) else y[:, :, :h, :w].contiguous()
 
 
-def _tiles_conv(padded: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """(n, c, 4nh+2, 4nw+2) padded input and (36, k, c) transformed filters -> (n, k, 4nh, 4nw) output."""
-    n, c = padded.shape[:2]
-    nh, nw, k = (padded.shape[2] - 2) // 4, (padded.shape[3] - 2) // 4, u.shape[1]
-    bt, _, at = _transforms(padded.device)
-    # (c, n, nh, nw, 6, 6) -> (c*n*nh*nw, 36): the input tiles, overlapping by 2, in one copy
-    tiles = padded.transpose(0, 1).unfold(2, 6, 4).unfold(3, 6, 4).reshape(-1, 36)
-    v = torch.mm(bt, tiles.t()).view(36, c, n * nh * nw)  # each tile's B^T d B
-    p = torch.bmm(u, v)  # (36, k, n*nh*nw): the point-by-point products summed over input channels
-    y = torch.mm(at, p.view(36, -1)).view(16, k, n * nh * nw)  # each tile's A^T p A
-    if bias is not None:
-        y += bias.view(1, k, 1)
+def _products(v: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, at: torch.Tensor, out: torch.Tensor):
+    """Transformed tiles v (36, c, n*nh*nw) and filters u (36, k, c) -> out (n, k, 4nh, 4nw)."""
+    n, k, nh, nw = out.shape[0], out.shape[1], out.shape[2] // 4, out.shape[3] // 4
+    p = torch.bmm(u, v).view(36, -1)  # (36, k*n*nh*nw): the point-by-point products summed over input channels
+    if bias is None:
+        y = torch.mm(at, p)  # each tile's A^T p A
+    else:  # with the bias of each output channel added to its 16 outputs of every tile
+        y = torch.addmm(bias.repeat_interleave(n * nh * nw), at, p)
     # (4, 4, k, n, nh, nw) -> (n, k, nh, 4, nw, 4): each tile's rows and columns into place
-    return y.view(4, 4, k, n, nh, nw).permute(3, 2, 4, 0, 5, 1).reshape(n, k, 4 * nh, 4 * nw)
+    out.unflatten(3, (nw, 4)).unflatten(2, (nh, 4)).copy_(y.view(4, 4, k, n, nh, nw).permute(3, 2, 4, 0, 5, 1))
 
 
 class Conv3x3(nn.Conv2d):
