@@ -56,7 +56,7 @@ def applies(conv: nn.Conv2d, x: torch.Tensor, padded: bool = False) -> bool:
 def filters(weight: torch.Tensor) -> list[torch.Tensor]:
     """(k, c, 3, 3) weights -> each filter's G g G^T, for conv3x3: (36, k', c) for groups of output channels
     that keep each within MAX_BUFFER floats."""
-    k, c = weight.shape[:2]
+    c = weight.shape[1]
     g = _transforms(weight.device)[1]
     group = max(1, MAX_BUFFER // (36 * c))
     return [torch.mm(g, w.reshape(-1, 9).t()).view(36, -1, c) for w in weight.split(group)]
