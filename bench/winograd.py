@@ -61,7 +61,7 @@ def main() -> None:
         x, weight = torch.randn(n, c, h, w, generator=g), torch.randn(k, c, 3, 3, generator=g) / (3 * c ** 0.5)
         bias = torch.randn(k, generator=g)
         with torch.no_grad():
-            taken = winograd.applies(torch.nn.Conv2d(c, k, 3, padding=1), x)
+            taken = winograd.applies(torch.nn.Conv2d(c, k, 3, padding=1, device="meta"), x)  # shape only
             direct, wino = paired(lambda: F.conv2d(x, weight, bias, padding=1), lambda: winograd.conv3x3(
                 F.pad(x, (1, 1, 1, 1)), winograd.filters(weight), bias), args.reps)
         totals[model][0] += count * direct

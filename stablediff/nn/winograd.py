@@ -66,13 +66,13 @@ def conv3x3(padded: torch.Tensor, u: list[torch.Tensor], bias: torch.Tensor | No
     """F.conv2d(padded, weight, bias) (no padding of its own) by F(4x4, 3x3), with u = filters(weight): padded
     (n, c, h+2, w+2) -> (n, k, h, w). In bands of tile rows whose buffers stay within MAX_BUFFER floats."""
     n, c, h, w = padded.shape
-    h, w, k = h - 2, w - 2, sum(part.shape[1] for part in u)
+    groups = [part.shape[1] for part in u]  # output channels of each group of transformed filters
+    h, w, k = h - 2, w - 2, sum(groups)
     nh, nw = -(-h // 4), -(-w // 4)  # output tiles down and across; the last ones may overhang the image
     if (4 * nh, 4 * nw) != (h, w):
         padded = F.pad(padded, (0, 4 * nw - w, 0, 4 * nh - h))
     bt, _, at = _transforms(padded.device)
     y = torch.empty(n, k, 4 * nh, 4 * nw, dtype=padded.dtype, device=padded.device)
-    groups = [part.shape[1] for part in u]
     biases = [None] * len(u) if bias is None else bias.split(groups)
     band = max(1, MAX_BUFFER // (36 * n * nw * max(c, *groups)))
     for top in range(0, nh, band):
@@ -84,7 +84,8 @@ def conv3x3(padded: torch.Tensor, u: list[torch.Tensor], bias: torch.Tensor | No
     return y if (4 * nh, 4 * nw) == (h, w) else y[:, :, :h, :w].contiguous()
 
 
-def _products(v: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, at: torch.Tensor, out: torch.Tensor):
+def _products(v: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, at: torch.Tensor,
+              out: torch.Tensor) -> None:
     """Transformed tiles v (36, c, n*nh*nw) and filters u (36, k, c) -> out (n, k, 4nh, 4nw)."""
     n, k, nh, nw = out.shape[0], out.shape[1], out.shape[2] // 4, out.shape[3] // 4
     p = torch.bmm(u, v).view(36, -1)  # (36, k*n*nh*nw): the point-by-point products summed over input channels
