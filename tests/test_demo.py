@@ -16,7 +16,7 @@ from stablediff.demo.evaluate import table_row, vae_round_trip
 from stablediff.demo.shapes import (COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZES, VOCABULARY, ShapesDataset, caption,
                                     draw, eval_scenes, judge, sample_scene)
 from stablediff.train.loop import Run
-from stablediff.train.recipe import train
+from stablediff.train.recipe import encode_dataset, train
 from stablediff.train.settings import Settings
 
 
@@ -111,6 +111,15 @@ def test_training_smoke_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path
     assert len(summary["vae_loss"]) == 150 and len(summary["text_loss"]) == 40 and len(summary["diffusion_loss"]) == 160
     assert read_metadata(tmp_path / "longer.safetensors")[CONFIG_KEY].startswith(
         f"# trained by: {settings.command()}\n# then resumed as: {longer.command()}\n")
+
+
+def test_dataset_latents_do_not_depend_on_the_encoding_batch(tmp_path):
+    vae, data = StableDiffusion.load().vae, ShapesDataset(40, 0)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()  # each keeps its own cache
+    whole = encode_dataset(vae, data, Settings(images=40), tmp_path / "a", torch.device("cpu"), batch=40)
+    small = encode_dataset(vae, data, Settings(images=40), tmp_path / "b", torch.device("cpu"), batch=16)
+    for a, b in zip(whole, small):
+        assert a.shape == (40, 4, 16, 16) and torch.allclose(a, b, rtol=0, atol=1e-5)
 
 
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
