@@ -94,9 +94,9 @@ def main() -> None:
         f"Machine: {machine()}; matmul peak {peak / 1e9:.0f} GFLOP/s in fp32.",
         f"Command: `python bench/train_cost.py --steps {args.steps}`. Each stage of the default recipe "
         f"(`{settings.command()}`) run by its own function (optimizer, gradient clipping and EMA included; drawn "
-        f"scenes, random latents); the time per step is that of {2 * args.steps} steps less that of {args.steps}, FLOPs counted by "
-        "torch.utils.flop_counter (matrix products, convolutions and attention), the rate against the matmul peak; "
-        "the stage's minutes are its recipe steps at that rate.",
+        f"scenes, random latents); the time per step is that of {2 * args.steps} steps less that of {args.steps}, "
+        "FLOPs counted by torch.utils.flop_counter (matrix products, convolutions and attention), the rate against "
+        "the matmul peak; the stage's minutes are its recipe steps at that rate.",
         "",
         "| stage | recipe steps | work per step | time per step | rate (of peak) | minutes |",
         "|---|---|---|---|---|---|",

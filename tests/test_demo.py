@@ -115,7 +115,8 @@ def test_training_smoke_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path
 
 def test_dataset_latents_do_not_depend_on_the_encoding_batch(tmp_path):
     vae, data = StableDiffusion.load().vae, ShapesDataset(40, 0)
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()  # each keeps its own cache
+    for work in ("a", "b"):  # each encoding keeps its own cache
+        (tmp_path / work).mkdir()
     whole = encode_dataset(vae, data, Settings(images=40), tmp_path / "a", torch.device("cpu"), batch=40)
     small = encode_dataset(vae, data, Settings(images=40), tmp_path / "b", torch.device("cpu"), batch=16)
     for a, b in zip(whole, small):
