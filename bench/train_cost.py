@@ -18,8 +18,8 @@ from speed import flops, matmul_peak, once as timed
 
 
 def stages(settings):
-    """name -> (steps in the default recipe, run(settings, steps, work) training that stage for `steps`). The VAE
-    runs as in the recipe: 80% of its steps on 32-pixel crops, then whole pictures."""
+    """(name -> (steps in the default recipe, run(settings, steps, work) training that stage for `steps`), the
+    VAE they train). The VAE runs as in the recipe: 80% of its steps on 32-pixel crops, then whole pictures."""
     from stablediff.checkpoints.original import (clip_from_yaml, config_text, parse_yaml, schedule_from_yaml,
                                                  unet_from_yaml, vae_from_yaml)
     from stablediff.models.clip_text import ClipTextConfig, ClipTextModel
@@ -44,45 +44,45 @@ def stages(settings):
             text_encoder, tokenizer, data, replace(s, text_steps=n), w, cpu, False)),
         "text encoder + UNet": (settings.steps, lambda s, n, w: recipe.train_diffusion(
             text_encoder, unet, tokenizer, data, latents, 1.0, schedule, replace(s, steps=n), w, cpu, False)),
-    }
+    }, vae
 
 
 def main() -> None:
-    from stablediff.train.recipe import encode_dataset
+    from stablediff.train import recipe
     from stablediff.train.settings import Settings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="n: each stage is timed over n and 2n steps")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="n, a multiple of 5: each stage is timed over n and 2n steps")
     args = parser.parse_args()
+    if args.steps < 5 or args.steps % 5:  # else n and 2n VAE steps split into crops and whole pictures unlike 80/20
+        parser.error("--steps must be a multiple of 5")
     settings, peak = Settings(), matmul_peak(torch.float32)
     rows, minutes = [], 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, (recipe_steps, run)) in enumerate(stages(settings).items()):
+        runs, vae = stages(settings)
+        for i, (name, (recipe_steps, run)) in enumerate(runs.items()):
             work = {tag: Path(tmp) / f"{i}-{tag}" for tag in ("flops", "warm", "short", "long")}
             for path in work.values():
                 path.mkdir()
             run(settings, 2, work["warm"])
             # the difference of a run of n steps and one of 2n: a run's setup and final checkpoint cancel out
-            short, long = (timed(lambda: run(settings, n, work[tag])) for n, tag in ((args.steps, "short"),
-                                                                                    (2 * args.steps, "long")))
+            short = timed(lambda: run(settings, args.steps, work["short"]))
+            long = timed(lambda: run(settings, 2 * args.steps, work["long"]))
             seconds = (long - short) / args.steps
             step_flops = flops(lambda: run(settings, args.steps, work["flops"])) / args.steps
             minutes += recipe_steps * seconds / 60
             rows.append(f"| {name} | {recipe_steps:,} | {step_flops / 1e9:.1f} GFLOP | {seconds:.3f} s | "
                         f"{step_flops / seconds / 1e9:.0f} GFLOP/s ({step_flops / seconds / peak:.0%}) | "
                         f"{recipe_steps * seconds / 60:.1f} min |")
-        from stablediff.checkpoints.original import config_text, parse_yaml, vae_from_yaml
-        from stablediff.models.vae import AutoencoderKL
-        from stablediff.train import recipe
-
-        vae = AutoencoderKL(vae_from_yaml(parse_yaml(config_text(settings.config), settings.config))).eval()
-        sample = replace(settings, images=1000)
+        # encoding with the VAE that the first stage trained, as the recipe does
+        cpu, sample = torch.device("cpu"), replace(settings, images=1000)
         data = recipe.dataset(sample)
         one = replace(sample, images=1)
-        picture_flops = flops(lambda: encode_dataset(vae, recipe.dataset(one), one, Path(tmp), torch.device("cpu")))
+        picture_flops = flops(lambda: recipe.encode_dataset(vae, recipe.dataset(one), one, Path(tmp), cpu))
         for batch in (16, 250):
             (Path(tmp) / "latents.pt").unlink(missing_ok=True)
-            seconds = timed(lambda: encode_dataset(vae, data, sample, Path(tmp), torch.device("cpu"), batch=batch))
+            seconds = timed(lambda: recipe.encode_dataset(vae, data, sample, Path(tmp), cpu, batch=batch))
             seconds /= len(data)
             if batch == 16:
                 minutes += settings.images * seconds / 60
