@@ -15,8 +15,8 @@ from stablediff.errors import UserError
 from stablediff.demo.evaluate import table_row, vae_round_trip
 from stablediff.demo.shapes import (COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZES, VOCABULARY, ShapesDataset, caption,
                                     draw, eval_scenes, judge, sample_scene)
-from stablediff.train.loop import Run
-from stablediff.train.recipe import encode_dataset, train
+from stablediff.train.loop import Run, bf16_native
+from stablediff.train.recipe import concrete, encode_dataset, train
 from stablediff.train.settings import Settings
 
 
@@ -96,7 +96,11 @@ def test_training_smoke_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path
         losses = summary[name]
         assert sum(losses[-15:]) / 15 < 0.85 * sum(losses[:15]) / 15, (name, losses[:15], losses[-15:])
     config = read_metadata(out)[CONFIG_KEY]
-    assert config.startswith("# trained by: stablediff train OUT.safetensors --images 64 --vae-steps 150 --vae-batch 8 ")
+    command = config.splitlines()[0]
+    assert command.startswith("# trained by: stablediff train OUT.safetensors --images 64 --vae-steps 150 --vae-batch 8 ")
+    # auto is recorded as what it was on this machine, so the command reproduces the run on any other
+    assert command.endswith(f"--precision {'bf16' if summary['bf16'] else 'fp32'}")
+    assert summary["bf16"] == bf16_native(torch.device("cpu"))
     assert f"scale_factor: {summary['scale_factor']:.6f}" in config
     model = StableDiffusion.load(out)
     assert model.native_size == 64 and model.vae.config.scaling_factor == pytest.approx(summary["scale_factor"], rel=1e-5)
@@ -109,8 +113,9 @@ def test_training_smoke_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path
     longer = replace(settings, steps=160)
     summary = train(longer, tmp_path / "longer.safetensors", tmp_path / "work", torch.device("cpu"), progress=False)
     assert len(summary["vae_loss"]) == 150 and len(summary["text_loss"]) == 40 and len(summary["diffusion_loss"]) == 160
+    cpu = torch.device("cpu")
     assert read_metadata(tmp_path / "longer.safetensors")[CONFIG_KEY].startswith(
-        f"# trained by: {settings.command()}\n# then resumed as: {longer.command()}\n")
+        f"# trained by: {concrete(settings, cpu).command()}\n# then resumed as: {concrete(longer, cpu).command()}\n")
 
 
 def test_dataset_latents_do_not_depend_on_the_encoding_batch(tmp_path):

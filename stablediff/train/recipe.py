@@ -15,6 +15,7 @@ import json
 import random
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -169,6 +170,14 @@ def train_diffusion(text_encoder, unet, tokenizer, data, latents, scale: float, 
     return run
 
 
+def concrete(settings: Settings, device: torch.device) -> Settings:
+    """The settings with --precision auto made bf16 or fp32 as this device resolves it, so that the command a
+    model file records reproduces it on any machine (auto trains in bf16 on some CPUs, in fp32 on others)."""
+    if settings.precision != "auto":
+        return settings
+    return replace(settings, precision="bf16" if bf16_native(device) else "fp32")
+
+
 def record(work: Path, settings: Settings) -> list[str]:
     """The commands that have trained in this work folder, this one last: a run resumed with other settings
     (more --steps, say) is reproduced by running the same commands in order."""
@@ -182,6 +191,7 @@ def record(work: Path, settings: Settings) -> list[str]:
 
 def train(settings: Settings, out: Path, work: Path, device: torch.device, progress: bool = True) -> dict:
     """Both stages, then the model file; returns a summary (losses, latent scale, seconds per stage)."""
+    settings = concrete(settings, device)
     if out.exists():
         raise UserError(f"{out} already exists; choose a new name")
     work.mkdir(parents=True, exist_ok=True)
@@ -222,4 +232,4 @@ def train(settings: Settings, out: Path, work: Path, device: torch.device, progr
     convert(spec, out, "safetensors", settings.dtype)
     return {"vae_loss": vae_run.losses, "text_loss": text_run.losses, "diffusion_loss": diffusion_run.losses,
             "scale_factor": scale, "seconds": times,
-            "bf16": settings.precision == "bf16" or (settings.precision == "auto" and bf16_native(device))}
+            "bf16": settings.precision == "bf16"}
