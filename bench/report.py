@@ -4,6 +4,7 @@ import datetime
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,9 @@ def machine() -> str:
                platform.processor())
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB{gpu}; Python {platform.python_version()}, "
+    isa = torch.backends.cpu.get_cpu_capability()  # machines of one name differ: AVX2 only, AVX512, AMX
+    isa += " with AVX512-BF16" * torch.cpu._is_avx512_bf16_supported() + " with AMX" * torch.cpu._is_amx_tile_supported()
+    return (f"{cpu} ({isa}), {os.cpu_count()} cores, {memory:.0f} GiB{gpu}; Python {platform.python_version()}, "
             f"torch {torch.__version__}")
 
 
@@ -30,12 +33,22 @@ def append(title: str, lines: list[str]) -> None:
     print(text)
 
 
+# Forks the command from a small process and prints its peak RSS (KiB) last on stderr. A child started straight
+# from a bench script starts its peak at the script's own resident size (the kernel carries it over the exec), so
+# a script holding models would read its own size for every command it times.
+_LAUNCH = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(usage.ru_maxrss, file=sys.stderr)
+sys.exit(os.waitstatus_to_exitcode(status))"""
+
+
 def run_process(cmd: list[str], cwd: Path | None = None) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in GiB, stdout) of cmd run as its own process; its own peak, from wait4."""
+    """(wall seconds, peak RSS in GiB, stdout) of cmd run as its own process, with its own peak."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=cwd)
-    out = proc.stdout.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} ... failed (status {status})")
-    return time.perf_counter() - start, usage.ru_maxrss / 2**20, out
+    proc = subprocess.run([sys.executable, "-c", _LAUNCH, *cmd], capture_output=True, cwd=cwd)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed (status {proc.returncode})")
+    return time.perf_counter() - start, int(proc.stderr.split()[-1]) / 2**20, proc.stdout.decode()

@@ -2,7 +2,7 @@
 and drawn scenes) timed per step, with its FLOPs and how near that runs to the machine's matmul peak, and the
 whole default recipe's minutes estimated from those rates.
 
-    python bench/train_cost.py [--steps 20]
+    python bench/train_cost.py [--steps 20] [--precision auto|fp32|bf16]
 
 Appends a table to BENCHMARKS.md.
 """
@@ -54,10 +54,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20,
                         help="n, a multiple of 5: each stage is timed over n and 2n steps")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="the recipe's --precision (auto: bf16 where this CPU does it natively)")
     args = parser.parse_args()
     if args.steps < 5 or args.steps % 5:  # else n and 2n VAE steps split into crops and whole pictures unlike 80/20
         parser.error("--steps must be a multiple of 5")
-    settings, peak = Settings(), matmul_peak(torch.float32)
+    from stablediff.train.loop import bf16_native
+
+    settings = Settings(precision=args.precision)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_native(torch.device("cpu")))
+    peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
     rows, minutes = [], 0.0
     with tempfile.TemporaryDirectory() as tmp:
         runs, vae = stages(settings)
@@ -91,8 +97,9 @@ def main() -> None:
                         f"{picture_flops / seconds / 1e9:.0f} GFLOP/s ({picture_flops / seconds / peak:.0%}) | "
                         f"{settings.images * seconds / 60:.1f} min |")
     append("Demo model: the training recipe's cost per stage", [
-        f"Machine: {machine()}; matmul peak {peak / 1e9:.0f} GFLOP/s in fp32.",
-        f"Command: `python bench/train_cost.py --steps {args.steps}`. Each stage of the default recipe "
+        f"Machine: {machine()}; matmul peak {peak / 1e9:.0f} GFLOP/s in {'bf16' if bf16 else 'fp32'}.",
+        f"Command: `python bench/train_cost.py --steps {args.steps} --precision {args.precision}`"
+        f"{' (bf16 autocast here)' if bf16 else ''}. Each stage of the default recipe "
         f"(`{settings.command()}`) run by its own function (optimizer, gradient clipping and EMA included; drawn "
         f"scenes, random latents); the time per step is that of {2 * args.steps} steps less that of {args.steps}, "
         "FLOPs counted by torch.utils.flop_counter (matrix products, convolutions and attention), the rate against "
