@@ -38,7 +38,13 @@ def test_bands_of_tile_rows_and_groups_of_outputs_give_the_same_result(monkeypat
     assert torch.equal(winograd.conv3x3(F.pad(x, (1, 1, 1, 1)), parts, bias), whole)
 
 
-def test_taken_only_for_fp32_cpu_inference_with_enough_channels_and_tiles():
+@pytest.fixture
+def avx2(monkeypatch):
+    """A CPU of the kind Winograd pays on, whatever this one is."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+
+
+def test_taken_only_for_fp32_cpu_inference_with_enough_channels_and_tiles(avx2, monkeypatch):
     conv = winograd.Conv3x3(320, 320)
     assert set(conv.state_dict()) == {"weight", "bias"}
     x = torch.randn(2, 320, 32, 32)  # 128 tiles of 4x4
@@ -52,10 +58,12 @@ def test_taken_only_for_fp32_cpu_inference_with_enough_channels_and_tiles():
     assert not winograd.applies(conv, x)  # training: gradients go through the direct convolution
     with torch.no_grad():
         assert (conv(x) - F.conv2d(x, conv.weight, conv.bias, padding=1)).abs().max() < 1e-4
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+        assert not winograd.applies(conv, x)  # where the direct convolution is faster
 
 
 @pytest.fixture
-def everywhere(monkeypatch):
+def everywhere(monkeypatch, avx2):
     """Winograd for every 3x3 convolution of the tiny models (too small for it otherwise); counts its calls."""
     calls, real = [], winograd.conv3x3
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 0.0)

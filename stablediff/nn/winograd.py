@@ -6,8 +6,8 @@ input channels as 36 matrix products, and transforms the products back to a 4x4 
 multiply-adds per 16 outputs, 4x fewer. The transforms are memory passes, and the filters' are redone at every
 call (kept, they would take 4x the conv weights' memory), so it pays only where many channels share the tiles'
 transforms and many tiles the filters': in SD's UNet at 32x32 and 64x64 latents (256x256 and larger images)
-and in the VAE's 256- and 512-channel layers (bench/winograd.py). Elsewhere, and on GPUs, in half precision or
-when training, the direct convolution runs. The result differs from the direct one at float rounding: within
+and in the VAE's 256- and 512-channel layers (bench/winograd.py), on CPUs without AVX512. Elsewhere, on GPUs,
+in half precision or when training, the direct convolution runs. The result differs from the direct one at float rounding: within
 5e-5 of fp64 on unit-scale outputs, where the direct convolution is within 3e-6 to 3e-5 (tests/test_winograd.py).
 """
 import functools
@@ -21,6 +21,10 @@ from torch import nn
 MIN_CHANNELS = 100.0
 # ...and enough 4x4 output tiles (over the batch) that the products outweigh the filters' transforms.
 MIN_TILES = 128
+# ...on a CPU without AVX512. There oneDNN's direct convolutions run far faster than the matrix products Winograd
+# is made of (an AMD EPYC with AVX512: 366 against 162 GFLOP/s in fp32), and Winograd measured 0.9x to 1.5x the
+# direct time on the layers it would take, against 0.6x to 1.0x on an AVX2 EPYC (bench/winograd.py, BENCHMARKS.md).
+SLOWER_ON = ("AVX512",)  # torch.backends.cpu.get_cpu_capability() values
 # The transformed filters go in groups of output channels, and the transformed tiles and products in bands of
 # tile rows, each buffer at most this many floats (32 MiB): glibc gives larger blocks fresh pages at every call,
 # and with them faulting in, the layers measured about 30% slower.
@@ -42,10 +46,11 @@ def _transforms(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def applies(conv: nn.Conv2d, x: torch.Tensor, padded: bool = False) -> bool:
-    """Whether `conv` on `x` goes by Winograd: a 3x3, stride 1 fp32 convolution on the CPU, not recording
-    gradients, of enough channels and tiles (see above). padded: x has the conv's 1-pixel border already."""
+    """Whether `conv` on `x` goes by Winograd: a 3x3, stride 1 fp32 convolution on a CPU without AVX512, not
+    recording gradients, of enough channels and tiles (see above). padded: x has the conv's 1-pixel border already."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or torch.is_grad_enabled()
-            or conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1):
+            or conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1
+            or torch.backends.cpu.get_cpu_capability() in SLOWER_ON):
         return False
     n, c, h, w = x.shape
     k = conv.out_channels
