@@ -16,7 +16,7 @@ from stablediff.checkpoints.hashing import cached_hash
 from stablediff.checkpoints.io import read_state_dict
 from stablediff.checkpoints.keymaps import load_into, vae_prefixes
 from stablediff.checkpoints.spec import ModelSpec
-from stablediff.devices import compile_module, resolve_device, resolve_dtype
+from stablediff.devices import compile_module, fast_layout, resolve_device, resolve_dtype
 from stablediff.diffusion.denoiser import Denoiser
 from stablediff.diffusion.schedules import TrainSchedule
 from stablediff.errors import UserError
@@ -174,6 +174,8 @@ class StableDiffusion:
         built = {part: _build(cls_, cfg, *spec.weights[part], part, dt, dev)
                  for part, cls_, cfg in (("text_encoder", ClipTextModel, spec.clip), ("unet", UNet, spec.unet),
                                          ("vae", AutoencoderKL, spec.vae))}
+        for part in ("unet", "vae"):
+            fast_layout(built[part], dev, dt)
         if compile:
             compile_module(built["unet"], dev)
         schedule, native = spec.schedule, spec.native_size
