@@ -20,7 +20,8 @@ def machine() -> str:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     isa = torch.backends.cpu.get_cpu_capability()  # machines of one name differ: AVX2 only, AVX512, AMX
-    isa += " with AVX512-BF16" * torch.cpu._is_avx512_bf16_supported() + " with AMX" * torch.cpu._is_amx_tile_supported()
+    isa += (" with AVX512-BF16" * torch.cpu._is_avx512_bf16_supported()
+            + " with AMX" * torch.cpu._is_amx_tile_supported())
     return (f"{cpu} ({isa}), {os.cpu_count()} cores, {memory:.0f} GiB{gpu}; Python {platform.python_version()}, "
             f"torch {torch.__version__}")
 

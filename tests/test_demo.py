@@ -97,7 +97,8 @@ def test_training_smoke_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path
         assert sum(losses[-15:]) / 15 < 0.85 * sum(losses[:15]) / 15, (name, losses[:15], losses[-15:])
     config = read_metadata(out)[CONFIG_KEY]
     command = config.splitlines()[0]
-    assert command.startswith("# trained by: stablediff train OUT.safetensors --images 64 --vae-steps 150 --vae-batch 8 ")
+    assert command.startswith(
+        "# trained by: stablediff train OUT.safetensors --images 64 --vae-steps 150 --vae-batch 8 ")
     # auto is recorded as what it was on this machine, so the command reproduces the run on any other
     assert command.endswith(f"--precision {'bf16' if summary['bf16'] else 'fp32'}")
     assert summary["bf16"] == bf16_native(torch.device("cpu"))

@@ -7,8 +7,9 @@ multiply-adds per 16 outputs, 4x fewer. The transforms are memory passes, and th
 call (kept, they would take 4x the conv weights' memory), so it pays only where many channels share the tiles'
 transforms and many tiles the filters': in SD's UNet at 32x32 and 64x64 latents (256x256 and larger images)
 and in the VAE's 256- and 512-channel layers (bench/winograd.py), on CPUs without AVX512. Elsewhere, on GPUs,
-in half precision or when training, the direct convolution runs. The result differs from the direct one at float rounding: within
-5e-5 of fp64 on unit-scale outputs, where the direct convolution is within 3e-6 to 3e-5 (tests/test_winograd.py).
+in half precision or when training, the direct convolution runs. The result differs from the direct one at float
+rounding: within 5e-5 of fp64 on unit-scale outputs, where the direct convolution is within 3e-6 to 3e-5
+(tests/test_winograd.py).
 """
 import functools
 
