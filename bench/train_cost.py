@@ -59,10 +59,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 5 or args.steps % 5:  # else n and 2n VAE steps split into crops and whole pictures unlike 80/20
         parser.error("--steps must be a multiple of 5")
-    from stablediff.train.loop import bf16_native
-
-    settings = Settings(precision=args.precision)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_native(torch.device("cpu")))
+    settings = recipe.concrete(Settings(precision=args.precision), torch.device("cpu"))  # auto as train resolves it
+    bf16 = settings.precision == "bf16"
     peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
     rows, minutes = [], 0.0
     with tempfile.TemporaryDirectory() as tmp:
