@@ -28,9 +28,16 @@ def bf16_native(device: torch.device) -> bool:
     return False
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" made "bf16" where bf16 is native on `device`, else "fp32"; "bf16" and "fp32" as they are."""
+    if precision == "auto":
+        return "bf16" if bf16_native(device) else "fp32"
+    return precision
+
+
 def autocast(device: torch.device, precision: str = "auto"):
     """bf16 autocast for precision "bf16", or "auto" where bf16 is native; else full precision."""
-    if precision == "bf16" or (precision == "auto" and bf16_native(device)):
+    if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

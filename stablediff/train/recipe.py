@@ -32,7 +32,7 @@ from stablediff.models.tokenizer import ClipTokenizer
 from stablediff.models.unet import UNet
 from stablediff.models.vae import AutoencoderKL
 from stablediff.pipelines.common import to_pixels
-from stablediff.train.loop import Run, autocast, bf16_native
+from stablediff.train.loop import Run, autocast, resolve_precision
 from stablediff.train.objectives import caption_loss, diffusion_loss, init_fresh, vae_loss
 from stablediff.train.settings import Settings
 
@@ -173,9 +173,7 @@ def train_diffusion(text_encoder, unet, tokenizer, data, latents, scale: float, 
 def concrete(settings: Settings, device: torch.device) -> Settings:
     """The settings with --precision auto made bf16 or fp32 as this device resolves it, so that the command a
     model file records reproduces it on any machine (auto trains in bf16 on some CPUs, in fp32 on others)."""
-    if settings.precision != "auto":
-        return settings
-    return replace(settings, precision="bf16" if bf16_native(device) else "fp32")
+    return replace(settings, precision=resolve_precision(settings.precision, device))
 
 
 def record(work: Path, settings: Settings) -> list[str]:
