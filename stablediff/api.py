@@ -158,8 +158,9 @@ class StableDiffusion:
         config: an original YAML (or preset name); vae: a separate VAE file; use_ema: prefer EMA weights;
         prediction: "epsilon" or "v" where the weights do not say; unsafe_pickle: the full unpickler.
         embeddings_dir: textual inversion files; lora_dir: LoRA files for <lora:name:weight>; loras: see use_loras.
-        compile: torch.compile the UNet. Its first step at each image size then takes minutes (about 2 on a
-        2-core CPU); there the compiled steps measured slower than eager ones, so it is for GPUs (BENCHMARKS.md).
+        compile: torch.compile the UNet. Its first step at each image size then takes minutes (2 to 3 on a
+        2-core CPU); there the compiled steps measured no faster than eager ones, in fp32 and in bf16, so it is
+        for GPUs (BENCHMARKS.md).
         """
         path = Path(path) if path is not None else DEMO_MODEL
         loras = lora_uses(loras)  # a missing file fails before the model is read

@@ -92,8 +92,8 @@ def _add_generation(sub, name: str, help_text: str, description: str):
     p.add_argument("--lora-dir", help="where <lora:name:weight> in a prompt finds name.safetensors (searched recursively)")
     p.add_argument("--embeddings-dir", help="textual inversion files, used where a prompt names them by file name")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet: minutes at the first step of each image size; on a 2-core CPU the "
-                        "compiled steps measured slower than eager ones (BENCHMARKS.md); for GPUs and long batches")
+                   help="torch.compile the UNet: minutes at the first step of each image size; on 2-core CPUs the "
+                        "compiled steps measured no faster than eager ones (BENCHMARKS.md); for GPUs and long batches")
     _add_model_flags(p)
     return p
 

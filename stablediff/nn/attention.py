@@ -38,6 +38,9 @@ def _products(q, k, v):
     b, heads, n, d = q.shape
     q, v = q.reshape(b * heads, n, d), v.reshape(b * heads, -1, d)
     kt = k.reshape(b * heads, -1, d).transpose(1, 2)
+    if torch.compiler.is_compiling():  # the same products as new tensors: torch.compile takes no out= views
+        return torch.cat([torch.bmm(torch.softmax(torch.bmm(q[:, i:i + CPU_BF16_ROWS] * d ** -0.5, kt), -1), v)
+                          for i in range(0, n, CPU_BF16_ROWS)], 1).view(b, heads, n, d)
     out = torch.empty_like(q)
     m = kt.shape[2]
     scores = q.new_empty(b * heads * min(n, CPU_BF16_ROWS) * m)
