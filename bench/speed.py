@@ -24,6 +24,8 @@ import torch
 from load import make_files
 from report import append, machine, run_process
 
+from stablediff.devices import reuse_freed_memory
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -121,6 +123,7 @@ def main() -> None:
              import_time("from diffusers import StableDiffusionPipeline"), None)]
     print(rows[-1], flush=True)
     ours, theirs = load_both(path, configs, dtype)
+    reused = reuse_freed_memory(torch.device("cpu"), dtype)  # what loading ours did already, asked again for the table
     from stablediff.pipelines.conditioning import encode_text
 
     with torch.no_grad():
@@ -145,7 +148,10 @@ def main() -> None:
     lines = [f"Machine: {machine()}, {torch.get_num_threads()} threads; matmul peak {peak / 1e9:.0f} GFLOP/s in "
              f"{args.precision}.", f"Command: `python bench/speed.py {' '.join(sys.argv[1:])}`. Full-size SD 1.5-shaped random weights from "
              "one .safetensors file, loaded by each side; median of the runs after a warm-up; the limit is the step's "
-             "FLOPs (counted on diffusers' side, with direct convolutions) at the matmul peak.", "",
+             "FLOPs (counted on diffusers' side, with direct convolutions) at the matmul peak. "
+             + ("Loading our model set glibc to keep freed memory for reuse (`devices.reuse_freed_memory`), so in this "
+                "process both sides ran with that setting; the txt2img processes ran apart, each with its own: ours "
+                "sets it, diffusers' does not." if reused else "Both sides ran with the allocator as it was."), "",
              "| what | stablediff | diffusers | ratio | arithmetic limit | stablediff / limit |", "|---|---|---|---|---|---|"]
     for what, a, b, n in rows:
         limit = f"{n / peak:.2f} s ({n / 1e12:.2f} TFLOP)" if n else "-"

@@ -1,12 +1,15 @@
 """Loading a diffusers-layout folder: dtypes, clear errors, and pickles that never run code."""
 import json
 import pickle
+import platform
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from stablediff import StableDiffusion
+from stablediff import StableDiffusion, devices
 from stablediff.errors import UserError
 
 
@@ -96,3 +99,27 @@ def test_not_a_model(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(UserError, match="unknown weights format"):
         StableDiffusion.load(tmp_path / "notes.txt", device="cpu")
+
+
+_FAULTS = """
+import resource, sys, torch
+from stablediff.devices import reuse_freed_memory
+set_ = reuse_freed_memory(torch.device("cpu"), torch.bfloat16) if sys.argv[1] == "on" else False
+torch.ones(1 << 25, dtype=torch.bfloat16)  # 64 MB, made and freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.ones(3 << 23, dtype=torch.bfloat16)  # 48 MB
+print(set_, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_freed_tensor_memory_is_reused_without_page_faults():
+    """A 48 MB tensor made after a 64 MB one was freed takes the freed memory (no fresh pages from the kernel)
+    once reuse_freed_memory is set; by default glibc maps and faults in its 12,288 pages anew."""
+    runs = {flag: subprocess.run([sys.executable, "-c", _FAULTS, flag], capture_output=True, text=True, check=True)
+            for flag in ("on", "off")}
+    (on_set, on_faults), (off_set, off_faults) = (runs[f].stdout.split() for f in ("on", "off"))
+    assert (on_set, off_set) == ("True", "False")
+    assert int(on_faults) < 1000 < 12000 < int(off_faults)
+    assert not devices.reuse_freed_memory(torch.device("cuda"), torch.bfloat16)
+    assert not devices.reuse_freed_memory(torch.device("cpu"), torch.float32)  # fp32's decode fragments it
