@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from stablediff.nn.attention import CPU_BF16_ROWS, attention
 
 
-
 def _check(fn, n, m, heads, d):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, x, heads * d, generator=g).bfloat16() for x in (n, m, m))
