@@ -5,7 +5,8 @@ from stablediff.diffusion.schedules import TrainSchedule
 
 
 class Denoiser:
-    """Wraps unet(x, t, context, **extra) trained on `sched`; the sampler state x stays in fp32."""
+    """Wraps unet(x, t, context, rows, **extra) trained on `sched`; the sampler state x stays in fp32. With
+    cond["rows"] the context has its own rows, each naming the row of x it conditions, and so has the result."""
 
     def __init__(self, unet, sched: TrainSchedule, quantize: bool = False):
         self.unet, self.prediction, self.quantize = unet, sched.prediction, quantize
@@ -40,7 +41,10 @@ class Denoiser:
         inp = x * c_in
         if cond.get("concat") is not None:  # inpainting/depth models: extra input channels, not scaled
             inp = torch.cat([inp, cond["concat"]], dim=1)
-        out = self.unet(inp.to(dtype), self.sigma_to_t(sigma), cond["context"].to(dtype), **extra).float()
+        rows = cond.get("rows")  # the x row of each context row, where latents are shared (UNet.forward)
+        out = self.unet(inp.to(dtype), self.sigma_to_t(sigma), cond["context"].to(dtype), rows=rows, **extra).float()
+        if rows is not None:
+            x, s, c_in = x[rows], s[rows], c_in[rows]
         if self.prediction == "v":
             return x / (s**2 + 1) - out * s * c_in
         return x - out * s

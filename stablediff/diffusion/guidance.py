@@ -2,14 +2,6 @@
 import torch
 
 
-def _repeat(cond: dict, index: torch.Tensor) -> dict:
-    """The per-image inputs besides text ("concat" channels, "extra" model inputs) for the rows `index`."""
-    out = {"extra": {k: v[index] for k, v in cond.get("extra", {}).items()}}
-    if cond.get("concat") is not None:
-        out["concat"] = cond["concat"][index]
-    return out
-
-
 class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022): D_u + scale * (D_c - D_u), one batched model call.
     With composable prompts (Liu et al. 2022, "a AND b:0.5") each image has several conditional rows and
@@ -31,8 +23,10 @@ class CFGDenoiser:
         owner = torch.tensor([i for i, p in enumerate(parts) for _ in p], device=x.device)
         rows = torch.tensor([r for p in parts for r, _ in p], device=cond["context"].device)
         index = torch.cat([torch.arange(n, device=x.device), owner])
-        both = {"context": torch.cat([cond["uncond"], cond["context"][rows]]), **_repeat(cond, index)}
-        out = self.inner(x[index], sigma, both)
+        # one batch: each latent once, with its rows of text (the model runs what comes before the text once)
+        both = {"context": torch.cat([cond["uncond"], cond["context"][rows]]), "rows": index,
+                "concat": cond.get("concat"), "extra": cond.get("extra", {})}
+        out = self.inner(x, sigma, both)
         uncond, text = out[:n], out[n:]
         if len(text) == n and all(p[0][1] == 1.0 for p in parts):
             return uncond + self.scale * (text - uncond)

@@ -81,8 +81,14 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
-    def forward(self, x, context):
+    def forward(self, x, context, rows=None):
+        """rows (see UNet.forward): x holds one row per latent until here; the self-attention runs on those, and
+        the rows are repeated for the first layer that reads the context."""
+        if rows is not None and self.cross_only:
+            x, rows = x[rows], None
         x = x + self.attn1(self.norm1(x), context if self.cross_only else None)
+        if rows is not None:
+            x = x[rows]
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -99,7 +105,7 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = proj()
 
-    def forward(self, x, context):
+    def forward(self, x, context, rows=None):
         b, c, h, w = x.shape
         y = self.norm(x)
         if not self.linear:
@@ -108,30 +114,36 @@ class SpatialTransformer(nn.Module):
         if self.linear:
             y = self.proj_in(y)
         for block in self.transformer_blocks:
-            y = block(y, context)
+            y = block(y, context, rows)
+            if rows is not None:  # the first block repeated the rows (see UNet.forward); the residual follows
+                x, rows = x[rows], None
         if self.linear:
             y = self.proj_out(y)
-        y = y.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        y = y.reshape(len(y), h, w, c).permute(0, 3, 1, 2)
         if not self.linear:
             y = self.proj_out(y)
         return x + y
 
 
-def _run_block(block: nn.Sequential, h, emb, context, upsample_size=None):
+def _run_block(block: nn.Sequential, h, emb, context, rows=None, upsample_size=None):
+    """The block's layers in turn; returns h, and emb with the rows still to repeat (see UNet.forward): a
+    SpatialTransformer repeats h's rows, and emb's follow."""
     for layer in block:
         if isinstance(layer, ResBlock):
             h = layer(h, emb)
         elif isinstance(layer, SpatialTransformer):
-            h = layer(h, context)
+            h = layer(h, context, rows)
+            if rows is not None:
+                emb, rows = emb[rows], None
         elif isinstance(layer, Upsample):
             h = layer(h, upsample_size)
         else:
             h = layer(h)
-    return h
+    return h, emb, rows
 
 
 class UNet(nn.Module):
-    """eps (or v) = unet(x (B,C,H,W), t (B,) float timesteps, context (B,77k,D), y (B,) class labels)."""
+    """eps (or v) = unet(x (B,C,H,W), t (B,) float timesteps, context (B,77k,D), y (B,) class labels, rows)."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -178,19 +190,25 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(group_norm(ch, groups=groups), nn.SiLU(), Conv3x3(ch, cfg.out_channels))
 
-    def forward(self, x, t, context, y=None):
+    def forward(self, x, t, context, y=None, rows=None):
+        """rows, where given: for each row of context, the row of x (and of t and y) that it conditions, as in
+        guidance, where one latent goes with both the prompt and the negative prompt. Everything before the first
+        layer that reads the context (the first ResBlock and self-attention of SD) then runs once per latent, not
+        once per row; the result has one row per row of context."""
         emb = timestep_embedding(t.expand(x.shape[0]), self.config.model_channels).to(x.dtype)
         emb = self.time_embed(emb)
         if self.config.num_classes is not None:
             emb = emb + self.label_emb(y)
         h, skips = x, []
-        for block in self.input_blocks:
-            h = _run_block(block, h, emb, context)
+        for block in [*self.input_blocks, self.middle_block]:
+            h, emb, left = _run_block(block, h, emb, context, rows)
+            if left is None and rows is not None:  # this block repeated the rows: the skips so far follow
+                skips, rows = [s[rows] for s in skips], None
             skips.append(h)
-        h = _run_block(self.middle_block, h, emb, context)
-        for i, block in enumerate(self.output_blocks):
+        h = skips.pop()  # the middle block's output
+        for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             # upsample to the size of the next skip, so odd latent sizes (e.g. H=72 -> 9) line up
             size = skips[-1].shape[-2:] if skips else None
-            h = _run_block(block, h, emb, context, size)
+            h = _run_block(block, h, emb, context, upsample_size=size)[0]
         return self.out(h)
