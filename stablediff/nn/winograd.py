@@ -46,16 +46,17 @@ def _transforms(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch
                  for t in (torch.tensor(x, dtype=torch.float64) for x in (_BT, _G, _AT)))
 
 
-def applies(conv: nn.Conv2d, x: torch.Tensor, padded: bool = False) -> bool:
+def applies(conv: nn.Conv2d, x: torch.Tensor, padded: bool = False, scale: int = 1) -> bool:
     """Whether `conv` on `x` goes by Winograd: a 3x3, stride 1 fp32 convolution on a CPU without AVX512, not
-    recording gradients, of enough channels and tiles (see above). padded: x has the conv's 1-pixel border already."""
+    recording gradients, of enough channels and tiles (see above). padded: x has the conv's 1-pixel border already;
+    scale: the conv would run on x upsampled this many times."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or torch.is_grad_enabled()
             or conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1
             or torch.backends.cpu.get_cpu_capability() in SLOWER_ON):
         return False
     n, c, h, w = x.shape
     k = conv.out_channels
-    h, w = (h - 2, w - 2) if padded else (h, w)
+    h, w = (h - 2, w - 2) if padded else (h * scale, w * scale)
     return c * k / (c + k) >= MIN_CHANNELS and n * -(-h // 4) * -(-w // 4) >= MIN_TILES
 
 
