@@ -28,6 +28,23 @@ def test_cpu_bf16_attention_is_as_close_as_the_fused_kernel(n, m, heads, d):
     _check(attention, n, m, heads, d)
 
 
+def test_cpu_bf16_attention_with_scores_past_exps_range():
+    """Scores up to about +-100: past e^60, so these go through the softmax, which subtracts each row's maximum
+    (exp alone would give inf, then NaN). Against float64 on the same scores rounded to bf16, as both paths round
+    them (at this size that rounding alone moves the probabilities by up to a fifth)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 300, 80, generator=g).bfloat16() for _ in range(3))
+    q = q * 20
+    split = lambda t: t.view(2, -1, 2, 40).transpose(1, 2)  # noqa: E731
+    scores = (split(q).double() @ split(k).double().transpose(-1, -2) * 40 ** -0.5).bfloat16().double()
+    assert scores.abs().max() > 90
+    rounded = (torch.softmax(scores, -1) @ split(v).double()).transpose(1, 2).reshape(2, 300, 80)
+    with torch.no_grad():
+        ours = attention(q, k, v, 2)
+    assert ours.isfinite().all()
+    assert (ours.double() - rounded).abs().mean() < 2**-7 * rounded.abs().mean()
+
+
 def test_compiled_cpu_bf16_attention_is_one_graph_as_close_as_the_fused_kernel():
     """torch.compile takes no out= views: under it the same products run as new tensors, in one graph (a graph
     break here made `--compile --precision bf16` compile pieces of the UNet only, slower than eager)."""

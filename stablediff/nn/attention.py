@@ -4,7 +4,11 @@ import torch.nn.functional as F
 from torch import nn
 
 MAX_SCORES = 1 << 28  # elements of one attention's score matrix; past it, queries go in chunks
-CPU_BF16_ROWS = 128  # queries per chunk of bf16 attention on the CPU: its scores stay in the caches
+CPU_BF16_ROWS = 256  # queries per chunk of bf16 attention on the CPU: of 64 to 1024, fastest for SD's 4096 tokens
+# Scores within +-EXP_BOUND need no maximum subtracted before exp: e^60 summed over 2^24 keys stays within
+# bf16's and fp32's range, and a row's largest term, at least e^-60, far from their smallest normal numbers.
+EXP_BOUND = 60.0
+LOG2E = 1.4426950408889634
 
 
 def attention(q, k, v, heads: int, causal: bool = False, upcast: bool = False):
@@ -31,26 +35,54 @@ def attention(q, k, v, heads: int, causal: bool = False, upcast: bool = False):
 def _products(q, k, v):
     """softmax(q k^T / sqrt(d)) v as two batched bf16 matrix products per chunk of queries, for inference on the
     CPU (its buffers are written in place, so no gradients). There PyTorch's fused kernel runs bf16 at fp32 speed;
-    this takes 160 ms against 320 ms for SD 1.5's 4096-token self-attention (batch 2) on a 2-core AVX512-BF16
-    CPU, 13 against 33 ms at 1024 tokens. The scores and probabilities are rounded to bf16 between the products,
-    as in diffusers' attention before SDPA: about twice the fused kernel's error (tests/test_attention.py).
-    (B, H, N, d) in and out."""
+    this takes 125 ms against 320 ms for SD 1.5's 4096-token self-attention (batch 2) on a 2-core AVX512-BF16
+    CPU (175 ms with a softmax between the products). The scores and probabilities are rounded to bf16 between the
+    products, as in diffusers' attention before SDPA: about twice the fused kernel's error
+    (tests/test_attention.py). (B, H, N, d) in and out."""
     b, heads, n, d = q.shape
     q, v = q.reshape(b * heads, n, d), v.reshape(b * heads, -1, d)
     kt = k.reshape(b * heads, -1, d).transpose(1, 2)
     if torch.compiler.is_compiling():  # the same products as new tensors: torch.compile takes no out= views
         return torch.cat([torch.bmm(torch.softmax(torch.bmm(q[:, i:i + CPU_BF16_ROWS] * d ** -0.5, kt), -1), v)
                           for i in range(0, n, CPU_BF16_ROWS)], 1).view(b, heads, n, d)
-    out = torch.empty_like(q)
     m = kt.shape[2]
+    if _score_bound(q, kt) <= EXP_BOUND:
+        return _exp_products(q, kt, v).view(b, heads, n, d)
+    out = torch.empty_like(q)
     scores = q.new_empty(b * heads * min(n, CPU_BF16_ROWS) * m)
     for i in range(0, n, CPU_BF16_ROWS):
         rows = min(n - i, CPU_BF16_ROWS)
         s = scores[:b * heads * rows * m].view(b * heads, rows, m)  # contiguous, as the in-place softmax needs
         torch.baddbmm(s, q[:, i:i + CPU_BF16_ROWS], kt, beta=0, alpha=d ** -0.5, out=s)
-        torch._softmax(s, -1, False, out=s)  # in place: a new 16 MB tensor per chunk costs more than the softmax
+        torch._softmax(s, -1, False, out=s)  # in place: a new 32 MB tensor per chunk costs more than the softmax
         torch.bmm(s, v, out=out[:, i:i + CPU_BF16_ROWS])
     return out.view(b, heads, n, d)
+
+
+def _score_bound(q, kt) -> float:
+    """A bound on |q.k| / sqrt(d) over every query and key (Cauchy-Schwarz), from their lengths."""
+    lengths = (torch.linalg.vector_norm(t, dim=dim, dtype=torch.float32).amax() for t, dim in ((q, -1), (kt, 1)))
+    return float(next(lengths) * next(lengths)) * q.shape[-1] ** -0.5
+
+
+def _exp_products(q, kt, v):
+    """_products where every score lies within +-EXP_BOUND: there exp needs no row maximum subtracted first
+    (softmax's first pass), and each row's sum comes out of the second product, from a column of ones
+    appended to v (its last pass). 2^(s log2 e) for e^s: exp2 runs faster. (B*H, N, d) in and out."""
+    bh, n, d = q.shape
+    m = kt.shape[2]
+    width = -(-(d + 1) // 16) * 16  # v, a column of ones, zeros to a multiple of 16 columns (as the kernels go)
+    v1 = torch.cat([v, v.new_ones(bh, m, 1), v.new_zeros(bh, m, width - d - 1)], dim=-1)
+    out = torch.empty_like(q)
+    rows = min(n, CPU_BF16_ROWS)
+    scores, summed = q.new_empty(bh * rows * m), q.new_empty(bh, rows, width)
+    for i in range(0, n, CPU_BF16_ROWS):
+        rows = min(n - i, CPU_BF16_ROWS)
+        s, o = scores[:bh * rows * m].view(bh, rows, m), summed[:, :rows]
+        torch.baddbmm(s, q[:, i:i + rows], kt, beta=0, alpha=d ** -0.5 * LOG2E, out=s)
+        torch.bmm(s.exp2_(), v1, out=o)
+        torch.div(o[..., :d], o[..., d:d + 1], out=out[:, i:i + rows])
+    return out
 
 
 class CrossAttention(nn.Module):
