@@ -1,6 +1,8 @@
 """What every bench script shares: the machine it ran on, a command timed as its own process with its peak memory,
 and a section appended to BENCHMARKS.md."""
+import ctypes
 import datetime
+import gc
 import os
 import platform
 import subprocess
@@ -44,6 +46,16 @@ if pid == 0:
 _, status, usage = os.wait4(pid, 0)
 print(usage.ru_maxrss, file=sys.stderr)
 sys.exit(os.waitstatus_to_exitcode(status))"""
+
+
+def give_back_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the system (glibc's malloc_trim; a no-op elsewhere), so
+    that processes timed next are not short of the memory and file cache this script held."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def run_process(cmd: list[str], cwd: Path | None = None) -> tuple[float, float, str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from load import make_files
-from report import append, machine, run_process
+from report import append, give_back_memory, machine, run_process
 
 from stablediff.devices import reuse_freed_memory
 
@@ -104,21 +104,9 @@ def unet_steps(ours, theirs, size: int, dtype: torch.dtype):
     return ours_step, theirs_step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--workdir", default="/tmp/sd-bench")
-    parser.add_argument("--precision", default="fp32", choices=DTYPES)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--e2e", action="store_true", help="also time the whole txt2img process at 512, 20 steps")
-    parser.add_argument("--compile", action="store_true", help="also time the UNet steps under torch.compile")
-    args = parser.parse_args()
-    dtype = DTYPES[args.precision]
-    if args.compile:  # an empty kernel cache, so the first compiled calls show a cold compile
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sd-bench-inductor-")
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    path, _, configs, _ = make_files(workdir)
-    peak = matmul_peak(dtype)
+def in_process(path: Path, configs: Path, dtype: torch.dtype, args) -> tuple[list, bool]:
+    """Import, text encoding, UNet steps and the decode, both sides in this process; whether the allocator setting
+    was on."""
     rows = [("import", import_time("import stablediff.api"),
              import_time("from diffusers import StableDiffusionPipeline"), None)]
     print(rows[-1], flush=True)
@@ -143,7 +131,27 @@ def main() -> None:
     print(rows[-1], flush=True)
     if args.compile:
         rows += compiled_steps(ours, theirs, dtype, step_flops, args.reps)
-    if args.e2e:
+    return rows, reused
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", default="/tmp/sd-bench")
+    parser.add_argument("--precision", default="fp32", choices=DTYPES)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--e2e", action="store_true", help="also time the whole txt2img process at 512, 20 steps")
+    parser.add_argument("--compile", action="store_true", help="also time the UNet steps under torch.compile")
+    args = parser.parse_args()
+    dtype = DTYPES[args.precision]
+    if args.compile:  # an empty kernel cache, so the first compiled calls show a cold compile
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sd-bench-inductor-")
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path, _, configs, _ = make_files(workdir)
+    peak = matmul_peak(dtype)
+    rows, reused = in_process(path, configs, dtype, args)
+    if args.e2e:  # with both models gone and their memory given back, so the processes have the machine's memory
+        give_back_memory()
         rows += end_to_end(path, configs, workdir, args.precision)
     lines = [f"Machine: {machine()}, {torch.get_num_threads()} threads; matmul peak {peak / 1e9:.0f} GFLOP/s in "
              f"{args.precision}.", f"Command: `python bench/speed.py {' '.join(sys.argv[1:])}`. Full-size SD 1.5-shaped random weights from "
