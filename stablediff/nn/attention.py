@@ -45,17 +45,28 @@ def _products(q, k, v):
     if torch.compiler.is_compiling():  # the same products as new tensors: torch.compile takes no out= views
         return torch.cat([torch.bmm(torch.softmax(torch.bmm(q[:, i:i + CPU_BF16_ROWS] * d ** -0.5, kt), -1), v)
                           for i in range(0, n, CPU_BF16_ROWS)], 1).view(b, heads, n, d)
-    m = kt.shape[2]
-    if _score_bound(q, kt) <= EXP_BOUND:
-        return _exp_products(q, kt, v).view(b, heads, n, d)
+    bh, m = b * heads, kt.shape[2]
+    # Where every score lies within +-EXP_BOUND, exp needs no row maximum subtracted first (softmax's first pass),
+    # and each row's sum comes out of the second product, from a column of ones appended to v (its last pass);
+    # 2^(s log2 e) for e^s, as exp2 runs faster. Otherwise the softmax, in place.
+    exp = _score_bound(q, kt) <= EXP_BOUND
+    if exp:
+        width = -(-(d + 1) // 16) * 16  # v, a column of ones, zeros to a multiple of 16 columns (as the kernels go)
+        v = torch.cat([v, v.new_ones(bh, m, 1), v.new_zeros(bh, m, width - d - 1)], dim=-1)
+        summed = q.new_empty(bh, min(n, CPU_BF16_ROWS), width)
     out = torch.empty_like(q)
-    scores = q.new_empty(b * heads * min(n, CPU_BF16_ROWS) * m)
+    scores = q.new_empty(bh * min(n, CPU_BF16_ROWS) * m)
     for i in range(0, n, CPU_BF16_ROWS):
         rows = min(n - i, CPU_BF16_ROWS)
-        s = scores[:b * heads * rows * m].view(b * heads, rows, m)  # contiguous, as the in-place softmax needs
-        torch.baddbmm(s, q[:, i:i + CPU_BF16_ROWS], kt, beta=0, alpha=d ** -0.5, out=s)
-        torch._softmax(s, -1, False, out=s)  # in place: a new 32 MB tensor per chunk costs more than the softmax
-        torch.bmm(s, v, out=out[:, i:i + CPU_BF16_ROWS])
+        s = scores[:bh * rows * m].view(bh, rows, m)  # contiguous, as the in-place softmax needs
+        torch.baddbmm(s, q[:, i:i + rows], kt, beta=0, alpha=d ** -0.5 * (LOG2E if exp else 1.0), out=s)
+        if exp:
+            o = summed[:, :rows]
+            torch.bmm(s.exp2_(), v, out=o)
+            torch.div(o[..., :d], o[..., d:d + 1], out=out[:, i:i + rows])
+        else:
+            torch._softmax(s, -1, False, out=s)  # in place: a new 32 MB tensor per chunk costs more than the softmax
+            torch.bmm(s, v, out=out[:, i:i + rows])
     return out.view(b, heads, n, d)
 
 
@@ -63,26 +74,6 @@ def _score_bound(q, kt) -> float:
     """A bound on |q.k| / sqrt(d) over every query and key (Cauchy-Schwarz), from their lengths."""
     lengths = (torch.linalg.vector_norm(t, dim=dim, dtype=torch.float32).amax() for t, dim in ((q, -1), (kt, 1)))
     return float(next(lengths) * next(lengths)) * q.shape[-1] ** -0.5
-
-
-def _exp_products(q, kt, v):
-    """_products where every score lies within +-EXP_BOUND: there exp needs no row maximum subtracted first
-    (softmax's first pass), and each row's sum comes out of the second product, from a column of ones
-    appended to v (its last pass). 2^(s log2 e) for e^s: exp2 runs faster. (B*H, N, d) in and out."""
-    bh, n, d = q.shape
-    m = kt.shape[2]
-    width = -(-(d + 1) // 16) * 16  # v, a column of ones, zeros to a multiple of 16 columns (as the kernels go)
-    v1 = torch.cat([v, v.new_ones(bh, m, 1), v.new_zeros(bh, m, width - d - 1)], dim=-1)
-    out = torch.empty_like(q)
-    rows = min(n, CPU_BF16_ROWS)
-    scores, summed = q.new_empty(bh * rows * m), q.new_empty(bh, rows, width)
-    for i in range(0, n, CPU_BF16_ROWS):
-        rows = min(n - i, CPU_BF16_ROWS)
-        s, o = scores[:bh * rows * m].view(bh, rows, m), summed[:, :rows]
-        torch.baddbmm(s, q[:, i:i + rows], kt, beta=0, alpha=d ** -0.5 * LOG2E, out=s)
-        torch.bmm(s.exp2_(), v1, out=o)
-        torch.div(o[..., :d], o[..., d:d + 1], out=out[:, i:i + rows])
-    return out
 
 
 class CrossAttention(nn.Module):
