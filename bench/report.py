@@ -1,6 +1,5 @@
 """What every bench script shares: the machine it ran on, a command timed as its own process with its peak memory,
 and a section appended to BENCHMARKS.md."""
-import ctypes
 import datetime
 import gc
 import os
@@ -51,11 +50,12 @@ sys.exit(os.waitstatus_to_exitcode(status))"""
 def give_back_memory() -> None:
     """Collect garbage and hand freed heap memory back to the system (glibc's malloc_trim; a no-op elsewhere), so
     that processes timed next are not short of the memory and file cache this script held."""
+    import torch
+
+    from stablediff.devices import give_back_freed_memory
+
     gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    give_back_freed_memory(torch.device("cpu"))
 
 
 def run_process(cmd: list[str], cwd: Path | None = None) -> tuple[float, float, str]:

@@ -24,9 +24,11 @@ import torch
 from load import make_files
 from report import append, give_back_memory, machine, run_process
 
-from stablediff.devices import reuse_freed_memory
+from stablediff.devices import keep_freed_memory
+from stablediff.nn.layers import onednn_linear
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CPU = torch.device("cpu")
 
 
 def best(fn, reps: int) -> float:
@@ -43,6 +45,20 @@ def paired(a, b, reps: int) -> tuple[float, float]:
     return statistics.median(t for t, _ in times), statistics.median(t for _, t in times)
 
 
+def as_processes(ours, theirs):
+    """ours and theirs, each run with the allocator as its own process has it: ours keeps freed memory for reuse
+    (`devices.keep_freed_memory`, which loading our model sets), diffusers' glibc's own thresholds."""
+    def ours_run():
+        keep_freed_memory(CPU, True)
+        return ours()
+
+    def theirs_run():
+        keep_freed_memory(CPU, False)
+        return theirs()
+
+    return ours_run, theirs_run
+
+
 def once(fn) -> float:
     """The wall time of one call."""
     start = time.perf_counter()
@@ -51,9 +67,13 @@ def once(fn) -> float:
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 4096) -> float:
-    """FLOP/s of an n x n matrix product in dtype: the machine's practical ceiling for this work."""
+    """FLOP/s of an n x n matrix product in dtype, the faster of BLAS's (torch.mm) and oneDNN's (what our linear
+    layers and attention run; on AMD CPUs MKL's fp32 path is the slower): the machine's practical ceiling."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / best(lambda: a @ b, 3)
+    products = [lambda: a @ b]
+    if onednn_linear():
+        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    return max(2 * n**3 / best(p, 3) for p in products)
 
 
 def import_time(code: str) -> float:
@@ -111,23 +131,26 @@ def in_process(path: Path, configs: Path, dtype: torch.dtype, args) -> tuple[lis
              import_time("from diffusers import StableDiffusionPipeline"), None)]
     print(rows[-1], flush=True)
     ours, theirs = load_both(path, configs, dtype)
-    reused = reuse_freed_memory(torch.device("cpu"), dtype)  # what loading ours did already, asked again for the table
+    reused = keep_freed_memory(CPU)  # what loading ours did already, asked again for the table
     from stablediff.pipelines.conditioning import encode_text
 
     with torch.no_grad():
-        rows.append(("text encoding (prompt + negative)", *paired(lambda: encode_text(ours, ["a photo of a cat", ""]),
-                     lambda: theirs.encode_prompt("a photo of a cat", "cpu", 1, True, ""), args.reps), None))
+        rows.append(("text encoding (prompt + negative)", *paired(*as_processes(
+            lambda: encode_text(ours, ["a photo of a cat", ""]),
+            lambda: theirs.encode_prompt("a photo of a cat", "cpu", 1, True, "")), args.reps), None))
     print(rows[-1], flush=True)
     step_flops = {}
     for size in (256, 512):
         ours_step, theirs_step = unet_steps(ours, theirs, size, dtype)
         step_flops[size] = flops(theirs_step)  # the direct convolutions' count: our Winograd ones do fewer
-        rows.append((f"guided UNet step, {size}x{size}", *paired(ours_step, theirs_step, args.reps), step_flops[size]))
+        rows.append((f"guided UNet step, {size}x{size}", *paired(*as_processes(ours_step, theirs_step), args.reps),
+                     step_flops[size]))
         print(rows[-1], flush=True)
     z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
     with torch.no_grad():
         decode_ours, decode_theirs = (lambda: ours.vae.decode(z)), (lambda: theirs.vae.decode(z).sample)
-        rows.append(("VAE decode, 512x512", *paired(decode_ours, decode_theirs, args.reps), flops(decode_theirs)))
+        rows.append(("VAE decode, 512x512", *paired(*as_processes(decode_ours, decode_theirs), args.reps),
+                     flops(decode_theirs)))
     print(rows[-1], flush=True)
     if args.compile:
         rows += compiled_steps(ours, theirs, dtype, step_flops, args.reps)
@@ -157,9 +180,10 @@ def main() -> None:
              f"{args.precision}.", f"Command: `python bench/speed.py {' '.join(sys.argv[1:])}`. Full-size SD 1.5-shaped random weights from "
              "one .safetensors file, loaded by each side; median of the runs after a warm-up; the limit is the step's "
              "FLOPs (counted on diffusers' side, with direct convolutions) at the matmul peak. "
-             + ("Loading our model set glibc to keep freed memory for reuse (`devices.reuse_freed_memory`), so in this "
-                "process both sides ran with that setting; the txt2img processes ran apart, each with its own: ours "
-                "sets it, diffusers' does not." if reused else "Both sides ran with the allocator as it was."), "",
+             + ("Each side ran with the allocator as its own process has it, set before each call: ours keeps freed "
+                "memory for reuse (`devices.keep_freed_memory`, set by loading our model), diffusers' has glibc's "
+                "own thresholds; so do the txt2img processes." if reused
+                else "Both sides ran with the allocator as it was."), "",
              "| what | stablediff | diffusers | ratio | arithmetic limit | stablediff / limit |", "|---|---|---|---|---|---|"]
     for what, a, b, n in rows:
         limit = f"{n / peak:.2f} s ({n / 1e12:.2f} TFLOP)" if n else "-"
@@ -179,7 +203,8 @@ def compiled_steps(ours, theirs, dtype: torch.dtype, step_flops: dict, reps: int
     for size in (256, 512):
         ours_step, theirs_step = unet_steps(ours, theirs, size, dtype)
         rows.append((f"first compiled call (compile + 1 step), {size}x{size}", once(ours_step), once(theirs_step), None))
-        rows.append((f"guided UNet step, {size}x{size}, compiled", *paired(ours_step, theirs_step, reps), step_flops[size]))
+        rows.append((f"guided UNet step, {size}x{size}, compiled", *paired(*as_processes(ours_step, theirs_step), reps),
+                     step_flops[size]))
         print(rows[-2:], flush=True)
     return rows
 

@@ -16,7 +16,7 @@ from stablediff.checkpoints.hashing import cached_hash
 from stablediff.checkpoints.io import read_state_dict
 from stablediff.checkpoints.keymaps import load_into, vae_prefixes
 from stablediff.checkpoints.spec import ModelSpec
-from stablediff.devices import compile_module, fast_layout, resolve_device, resolve_dtype, reuse_freed_memory
+from stablediff.devices import compile_module, fast_layout, keep_freed_memory, resolve_device, resolve_dtype
 from stablediff.diffusion.denoiser import Denoiser
 from stablediff.diffusion.schedules import TrainSchedule
 from stablediff.errors import UserError
@@ -177,7 +177,7 @@ class StableDiffusion:
                                          ("vae", AutoencoderKL, spec.vae))}
         for part in ("unet", "vae"):
             fast_layout(built[part], dev, dt)
-        reuse_freed_memory(dev, dt)  # after loading, whose large buffers are freed once and for all
+        keep_freed_memory(dev)  # after loading, whose large buffers are freed once and for all
         if compile:
             compile_module(built["unet"], dev)
         schedule, native = spec.schedule, spec.native_size

@@ -1,5 +1,6 @@
 """Device and precision choice. Nothing here runs at import time."""
 import ctypes
+import functools
 import platform
 import sys
 
@@ -51,20 +52,43 @@ def fast_layout(module: torch.nn.Module, device: torch.device, dtype: torch.dtyp
     return module
 
 
-def reuse_freed_memory(device: torch.device, dtype: torch.dtype) -> bool:
-    """For bf16 on the CPU, on Linux with glibc: keep freed memory in the process for the next tensor instead of
-    handing it back to the kernel. glibc maps each allocation over 32 MB (a 512x512 activation is 64-256 MB) fresh
-    from the kernel and unmaps it when freed, so every such tensor is faulted in page by page anew: in one bf16
-    512x512 VAE decode on a 2-core CPU, 669,000 page faults and 1.3 s of system time, the decode 4.05 s against
-    3.24 s with this set, at the same peak memory (BENCHMARKS.md). What preloading tcmalloc is often advised for,
-    with the process's own allocator. Not in fp32: there the decode's larger blocks fragment the kept memory, and
-    its peak rose from 5.0 to 6.2 GiB. Process-wide, and changes no result. True when it was set."""
-    if device.type != "cpu" or dtype != torch.bfloat16 or sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+def keep_freed_memory(device: torch.device, on: bool = True) -> bool:
+    """On the CPU, on Linux with glibc: keep freed memory in the process for the next tensor instead of handing it
+    back to the kernel. glibc maps each allocation over 32 MB (a 512x512 activation is 64-256 MB) fresh from the
+    kernel and unmaps it when freed, so every such tensor is faulted in page by page anew: in one bf16 512x512 VAE
+    decode on a 2-core CPU, 669,000 page faults and 1.3 s of system time, the decode 4.05 s against 3.24 s with this
+    set; in one fp32 guided 512x512 UNet step, 780,000 page faults, 8.0 s against 7.3 s (BENCHMARKS.md). What
+    preloading tcmalloc is often advised for, with the process's own allocator. Process-wide, and changes no result.
+    on=False sets back the thresholds glibc reaches by itself once large blocks have been freed (32 MB to map, 64 MB
+    kept). True when it was set."""
+    libc = _glibc()
+    if device.type != "cpu" or libc is None:
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers in <malloc.h>
-    mallopt = ctypes.CDLL(None).mallopt
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, (1 << 31) - 1))
+    mmap_threshold, trim_threshold = (1 << 30, (1 << 31) - 1) if on else (32 << 20, 64 << 20)
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+def give_back_freed_memory(device: torch.device) -> None:
+    """On the CPU with glibc, hand the freed memory that keep_freed_memory keeps back to the kernel (malloc_trim).
+    Before a VAE decode after the UNet's steps: otherwise the decode's large blocks are carved out of the holes the
+    steps left, and an fp32 512x512 txt2img peaked at 6.3 GiB against 5.3 GiB with the default allocator; with the
+    memory given back first, 5.5 GiB, and the decode 7.1 s against 13.7 s with the default allocator."""
+    libc = _glibc()
+    if device.type == "cpu" and libc is not None:
+        libc.malloc_trim(0)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers in <malloc.h>
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    libc = ctypes.CDLL(None)
+    libc.mallopt.argtypes, libc.mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    return libc
 
 
 def compile_module(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:

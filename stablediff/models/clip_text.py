@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stablediff.nn.attention import attention
-from stablediff.nn.layers import embedding
+from stablediff.nn.layers import Linear, embedding
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class ClipAttention(nn.Module):
     def __init__(self, cfg: ClipTextConfig):
         super().__init__()
         self.heads = cfg.heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(cfg.width, cfg.width) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Linear(cfg.width, cfg.width) for _ in range(4))
 
     def forward(self, x):
         return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True))
@@ -42,8 +42,8 @@ class ClipMLP(nn.Module):
     def __init__(self, cfg: ClipTextConfig):
         super().__init__()
         self.act = _ACTS[cfg.act]
-        self.fc1 = nn.Linear(cfg.width, cfg.intermediate)
-        self.fc2 = nn.Linear(cfg.intermediate, cfg.width)
+        self.fc1 = Linear(cfg.width, cfg.intermediate)
+        self.fc2 = Linear(cfg.intermediate, cfg.width)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stablediff.nn.attention import CrossAttention
-from stablediff.nn.layers import Downsample, Upsample, embedding, group_norm, timestep_embedding
+from stablediff.nn.layers import Downsample, Linear, Upsample, embedding, group_norm, timestep_embedding
 from stablediff.nn.winograd import Conv3x3
 
 
@@ -41,7 +41,7 @@ class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, emb_dim: int, groups: int):
         super().__init__()
         self.in_layers = nn.Sequential(group_norm(cin, groups=groups), nn.SiLU(), Conv3x3(cin, cout))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_dim, cout))
         self.out_layers = nn.Sequential(
             group_norm(cout, groups=groups), nn.SiLU(), nn.Dropout(0.0), Conv3x3(cout, cout)
         )
@@ -55,7 +55,7 @@ class ResBlock(nn.Module):
 class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
+        self.proj = Linear(dim, inner * 2)
 
     def forward(self, x):
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -65,7 +65,7 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), Linear(dim * mult, dim))
 
     def forward(self, x):
         return self.net(x)
@@ -98,7 +98,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.linear = cfg.use_linear_proj
         self.norm = group_norm(channels, eps=1e-6, groups=cfg.norm_groups)
-        proj = (lambda: nn.Linear(channels, channels)) if self.linear else (lambda: nn.Conv2d(channels, channels, 1))
+        proj = (lambda: Linear(channels, channels)) if self.linear else (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, heads, cfg.context_dim, cfg.upcast_attention, cross_only) for _ in range(depth)
@@ -150,7 +150,7 @@ class UNet(nn.Module):
         self.config = cfg
         mc, groups = cfg.model_channels, cfg.norm_groups
         emb_dim = mc * 4
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = nn.Sequential(Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
         if cfg.num_classes is not None:
             self.label_emb = embedding(cfg.num_classes, emb_dim)
 

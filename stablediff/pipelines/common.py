@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from stablediff.adapters.lora import take_tags
+from stablediff.devices import give_back_freed_memory
 from stablediff.diffusion.denoiser import Denoiser
 from stablediff.diffusion.guidance import CFGDenoiser, PromptSchedule
 from stablediff.diffusion.samplers import SAMPLERS, Sampler
@@ -273,6 +274,7 @@ def _vae_decode(model, z: torch.Tensor) -> torch.Tensor:
     """Unscaled latents -> pixels in fp32. A half-precision VAE whose decode overflows (SD 1.x's VAE in fp16 does
     on some images) is moved to fp32 for good and the decode done again; NaN in fp32 as well is an error."""
     dtype = next(model.vae.parameters()).dtype
+    give_back_freed_memory(z.device)  # what the steps left, before the decode's large blocks
     banded = _banded(z.shape[-2] * model.vae_scale, z.shape[-1] * model.vae_scale)
     pixels = model.vae.decode(z.to(dtype), banded=banded).float()
     if not torch.isfinite(pixels).all() and dtype != torch.float32:

@@ -1,0 +1,29 @@
+"""nn.layers.Linear: oneDNN's inner product in CPU inference, F.linear otherwise; the same results within rounding."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stablediff.nn import layers
+from stablediff.nn.layers import Linear
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_in_inference_matches_f_linear(dtype, tol, bias):
+    assert layers.onednn_linear() == torch.backends.mkldnn.is_available()
+    g = torch.Generator().manual_seed(0)
+    lin = Linear(96, 80, bias=bias).to(dtype)
+    x = torch.randn(3, 50, 96, generator=g).to(dtype)
+    for inp in (x, x[0], x.transpose(0, 1)):  # batched, 2-D, strided
+        with torch.no_grad():
+            ours = lin(inp)
+        exact = F.linear(inp.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
+        assert ours.dtype == dtype and ours.shape == exact.shape
+        assert (ours.double() - exact).abs().max() <= tol * exact.abs().max()
+
+
+def test_linear_with_gradients_takes_f_linear():
+    lin = Linear(16, 8)
+    x = torch.randn(4, 16, requires_grad=True)
+    lin(x).sum().backward()
+    assert torch.allclose(x.grad, lin.weight.sum(0).expand(4, 16))
