@@ -44,7 +44,9 @@ def main() -> None:
         "from the colour/shape/background combinations held out of training, each naming a position, half a size; "
         "seeds 0..n-1, 64x64. Judged from pixels: background = the border's median colour, shape colour = the median "
         "of pixels far from it (nearest named colour), position = the shape's box centre by thirds, shape = how much "
-        "of its box it fills, size = box side (only where the prompt names one). Time is for all n images.\n",
+        "of its box it fills, size = box side (only where the prompt names one). Time is for all n images."
+        + (" Guidance applies at sigmas {:g} to {:g} (the model's default interval), the prompt alone below.".format(
+            *model.sampling["guidance_interval"]) if "guidance_interval" in model.sampling else "") + "\n",
         "| run | " + " | ".join(ATTRIBUTES) + " | time |",
         "|---|" + "---|" * (len(ATTRIBUTES) + 1),
         *rows])

@@ -65,6 +65,7 @@ def _add_generation(sub, name: str, help_text: str, description: str):
                         "(default: the one in the sampler's name, else the model's own)")
     p.add_argument("--scale", "--cfg-scale", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's own, else 7.5)")
+    _guidance_interval_flag(p)
     p.add_argument("--ddim_eta", "--eta", type=float, default=None, help="noise of DDIM and ancestral samplers")
     p.add_argument("--clip-skip", type=int, default=1, help="1: the text encoder's usual layer; 2: the one before, ...")
     size = "the model's size" if name == "txt2img" else "the init image's, rounded down to a multiple of 8"
@@ -174,9 +175,28 @@ def _add_eval(sub) -> None:
     p.add_argument("--steps", type=int, default=20, help="sampling steps (20)")
     p.add_argument("--sampler", default="DPM++ 2M", help="sampler (DPM++ 2M)")
     p.add_argument("--scale", type=float, default=5.0, help="guidance scale (5)")
+    _guidance_interval_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the first image (0)")
     p.add_argument("--outdir", help="also write each image with its prompt and what was judged in the name")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+
+
+def _guidance_interval_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guidance-interval", nargs=2, type=float, metavar=("LOW", "HIGH"), default=None,
+                   help="guide only at sigmas from LOW to HIGH, elsewhere the prompt alone (default: the model's "
+                        "own, else every step; 0 inf guides every step)")
+
+
+def _guidance_interval(args) -> tuple[float, float] | None:
+    """--guidance-interval, checked (before the model loads)."""
+    from stablediff.checkpoints.original import guidance_interval
+
+    return None if args.guidance_interval is None else guidance_interval(args.guidance_interval, "--guidance-interval got")
+
+
+def _set_guidance_interval(model, interval: tuple[float, float] | None) -> None:
+    if interval is not None:  # over the model's own
+        model.sampling["guidance_interval"] = interval
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -338,6 +358,7 @@ def generate(args) -> None:
             raise UserError(NO_DEPTH_SOURCE)
     if args.command == "txt2img":
         _hires(args)  # a bad hires setting or a missing LoRA fails before the model loads
+    interval = _guidance_interval(args)
     for prompt in prompts:
         take_tags(prompt, Path(args.lora_dir) if args.lora_dir else None)
     model = StableDiffusion.load(args.model, device=args.device, dtype="bf16" if args.bf16 else args.precision,
@@ -345,6 +366,7 @@ def generate(args) -> None:
                                  compile=args.compile, **_load_kwargs(args))
     if args.f is not None and args.f != model.vae_scale:
         raise UserError(f"--f {args.f}: this model's VAE downsamples by {model.vae_scale}")
+    _set_guidance_interval(model, interval)
     seed = random.randrange(2**32) if args.seed is None else args.seed
     print(f"seed: {seed}", file=sys.stderr)
     outdir = Path(args.outdir)
@@ -415,7 +437,9 @@ def eval_demo(args) -> None:
 
     if args.n < 1 or args.steps < 1:
         raise UserError("--n and --steps must be at least 1")
+    interval = _guidance_interval(args)
     model = StableDiffusion.load(args.model, device=args.device)
+    _set_guidance_interval(model, interval)
     result = evaluate(model, args.n, args.steps, args.sampler, args.scale, args.seed)
     if args.outdir:
         outdir = Path(args.outdir)
@@ -423,7 +447,9 @@ def eval_demo(args) -> None:
         for i, (image, prompt, judged) in enumerate(zip(result["images"], result["prompts"], result["judged"])):
             seen = "-".join(str(judged[a]) for a in ATTRIBUTES[:4]).replace(" ", "_")
             save_png(image, outdir / f"{i:03d}-{seen}.png", prompt)
-    print(f"{args.n} held-out prompts, {args.sampler}, {args.steps} steps, guidance {args.scale}:")
+    interval = model.sampling.get("guidance_interval")
+    within = f" at sigmas {interval[0]:g} to {interval[1]:g}" if interval else ""
+    print(f"{args.n} held-out prompts, {args.sampler}, {args.steps} steps, guidance {args.scale}{within}:")
     for name in ATTRIBUTES:
         print(f"  {name:<10} {percent(result['accuracy'][name])}")
 

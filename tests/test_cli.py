@@ -64,6 +64,20 @@ def test_skip_save_writes_only_the_grid(tmp_path, tiny_model_dir):
     assert not list((tmp_path / "samples").iterdir()) and (tmp_path / "grid-0000.png").is_file()
 
 
+def test_guidance_interval_is_applied_and_saved(tmp_path, tiny_model_dir):
+    """An interval no step's sigma falls in leaves the prompt's prediction alone: the image of scale 1. From 0 to
+    inf is every step: the image without the flag. The infotext names the interval."""
+    runs = {"s1": ["--scale", "1"], "s30": ["--scale", "30"],
+            "none": ["--scale", "30", "--guidance-interval", "100", "200"],
+            "every": ["--scale", "30", "--guidance-interval", "0", "inf"]}
+    for name, extra in runs.items():
+        assert run(tmp_path / name, tiny_model_dir, "a red cube", "--seed", "3", "--skip_grid", *extra) == 0
+    image = {name: np.asarray(Image.open(tmp_path / name / "samples" / "00000.png")).astype(int) for name in runs}
+    assert np.abs(image["s1"] - image["s30"]).max() > 8
+    assert np.array_equal(image["none"], image["s1"]) and np.array_equal(image["every"], image["s30"])
+    assert "Guidance interval: 100-200" in params(tmp_path / "none" / "samples" / "00000.png")
+
+
 def test_random_seed_is_printed_and_saved(tmp_path, tiny_model_dir, capsys):
     assert run(tmp_path, tiny_model_dir, "a", "--skip_grid") == 0
     seed = capsys.readouterr().err.split("seed: ")[1].split()[0]
@@ -77,6 +91,7 @@ def test_random_seed_is_printed_and_saved(tmp_path, tiny_model_dir, capsys):
     ([], "no prompt"),
     (["x", "--schedule", "cosine"], "unknown schedule 'cosine'"),
     (["x", "--f", "4"], "--f 4: this model's VAE downsamples by 8"),
+    (["x", "--guidance-interval", "3", "1"], "--guidance-interval got [3.0, 1.0]; give two sigmas, low then high"),
 ])
 def test_bad_input_is_one_line(tmp_path, tiny_model_dir, capsys, args, message):
     assert run(tmp_path, tiny_model_dir, *args) == 2

@@ -122,8 +122,9 @@ def schedule_from_yaml(params: dict) -> TrainSchedule:
 
 
 def sampling_from_yaml(params: dict) -> dict:
-    """stablediff's own `default_sampler` and `default_scale` keys: what the model samples with when not told
-    (the demo model's; a real SD config has neither, and the usual DPM++ 2M Karras at 7.5 applies)."""
+    """stablediff's own `default_sampler`, `default_scale` and `default_guidance_interval` keys: what the model
+    samples with when not told (the demo model's; a real SD config has none, and the usual DPM++ 2M Karras at 7.5,
+    guided at every step, applies)."""
     sampling = {}
     if "default_sampler" in params:
         sampling["sampler"] = str(params["default_sampler"])
@@ -131,7 +132,19 @@ def sampling_from_yaml(params: dict) -> dict:
         if not isinstance(params["default_scale"], (int, float)):
             raise UserError(f"the model's YAML config has default_scale {params['default_scale']!r}; give a number")
         sampling["scale"] = float(params["default_scale"])
+    if "default_guidance_interval" in params:
+        sampling["guidance_interval"] = guidance_interval(params["default_guidance_interval"],
+                                                          "the model's YAML config has default_guidance_interval")
     return sampling
+
+
+def guidance_interval(value, where: str) -> tuple[float, float]:
+    """[low, high] sigmas, low < high (high may be .inf) -> (low, high); else a UserError that begins with `where`."""
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            or not 0 <= value[0] < value[1]):
+        raise UserError(f"{where} {value!r}; give two sigmas, low then high, 0 <= low < high (high may be inf)")
+    return float(value[0]), float(value[1])
 
 
 def train_schedule(start=0.00085, end=0.012, steps=1000, prediction="epsilon", spacing="leading") -> TrainSchedule:

@@ -105,6 +105,7 @@ class Job:
     clip_skip: int = 1
     variation: tuple[int, float] | None = None  # (subseed, strength): image i's start noise leans to subseed + i's
     info: dict = field(default_factory=dict)  # infotext fields the job adds: LoRA and embedding hashes, ...
+    interval: tuple[float, float] | None = None  # the sigmas at which guidance applies (CFGDenoiser); None: all
 
     def start_noise(self) -> torch.Tensor:
         """The noise a run starts from: the next draw of each image's generator, slerped towards its variation
@@ -160,9 +161,12 @@ def prepare(model, prompts: list[str], negatives: list[str], seeds: list[int], *
     if subseed_strength > 0:
         variation = (random.randrange(2**32) if subseed is None else subseed, subseed_strength)
         info.update({"Variation seed": variation[0], "Variation seed strength": f"{subseed_strength:g}"})
+    interval = model.sampling.get("guidance_interval")
+    if interval is not None:
+        info["Guidance interval"] = f"{interval[0]:g}-{interval[1]:g}"
     return Job(prompts, negatives, seeds, steps, spec, schedule,
                sampler_sigmas(model.denoiser(), model.schedule, spec, steps, schedule), scale, eta, width, height, {}, texts,
-               noise, clip_skip, variation, info)
+               noise, clip_skip, variation, info, interval)
 
 
 def sample(model, job: Job, x: torch.Tensor, sigmas: torch.Tensor | None = None, wrap: Callable | None = None,
@@ -170,7 +174,7 @@ def sample(model, job: Job, x: torch.Tensor, sigmas: torch.Tensor | None = None,
     """Run the job's sampler under classifier-free guidance (and `wrap`, e.g. inpaint masking) from x at
     sigmas[0]; returns latents in the model's own (VP) scale."""
     sigmas = job.sigmas if sigmas is None else sigmas
-    denoiser = CFGDenoiser(model.denoiser(), job.scale)
+    denoiser = CFGDenoiser(model.denoiser(), job.scale, job.interval)
     if wrap is not None:
         denoiser = wrap(denoiser)
     denoiser = PromptSchedule(denoiser, sigmas, job.texts.per_step(len(sigmas) - 1))
