@@ -16,7 +16,7 @@ from stablediff.checkpoints.hashing import cached_hash
 from stablediff.checkpoints.io import read_state_dict
 from stablediff.checkpoints.keymaps import load_into, vae_prefixes
 from stablediff.checkpoints.spec import ModelSpec
-from stablediff.devices import compile_module, fast_layout, keep_freed_memory, resolve_device, resolve_dtype
+from stablediff.devices import compile_module, keep_freed_memory, resolve_device, resolve_dtype, weight_layout
 from stablediff.diffusion.denoiser import Denoiser
 from stablediff.diffusion.schedules import TrainSchedule
 from stablediff.errors import UserError
@@ -40,7 +40,7 @@ DEMO_MODEL = Path(str(resources.files("stablediff") / "data" / "demo" / "shapes-
 def _build(cls, cfg, sd, prefixes, what, dtype, device):
     with torch.device("meta"):  # no random init: every tensor comes from the file
         module = cls(cfg)
-    load_into(module, sd, prefixes, what, dtype, device)
+    load_into(module, sd, prefixes, what, dtype, device, conv_layout=weight_layout(torch.device(device), dtype))
     return module.eval().requires_grad_(False)
 
 
@@ -175,8 +175,6 @@ class StableDiffusion:
         built = {part: _build(cls_, cfg, *spec.weights[part], part, dt, dev)
                  for part, cls_, cfg in (("text_encoder", ClipTextModel, spec.clip), ("unet", UNet, spec.unet),
                                          ("vae", AutoencoderKL, spec.vae))}
-        for part in ("unet", "vae"):
-            fast_layout(built[part], dev, dt)
         keep_freed_memory(dev)  # after loading, whose large buffers are freed once and for all
         if compile:
             compile_module(built["unet"], dev)

@@ -1,10 +1,11 @@
-"""nn.layers.Linear: oneDNN's inner product in CPU inference, F.linear otherwise; the same results within rounding."""
+"""nn.layers.Linear and geglu: oneDNN's inner product in CPU inference, F.linear otherwise; the same results within
+rounding."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from stablediff.nn import layers
-from stablediff.nn.layers import Linear
+from stablediff.nn.layers import Linear, geglu
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
@@ -27,3 +28,19 @@ def test_linear_with_gradients_takes_f_linear():
     x = torch.randn(4, 16, requires_grad=True)
     lin(x).sum().backward()
     assert torch.allclose(x.grad, lin.weight.sum(0).expand(4, 16))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
+def test_geglu_fused_matches_its_definition(dtype, tol):
+    """h * gelu(gate) for proj(x) = [h, gate], fused on oneDNN without gradients, plain with them."""
+    g = torch.Generator().manual_seed(0)
+    proj = Linear(96, 2 * 80).to(dtype)
+    x = torch.randn(3, 50, 96, generator=g).to(dtype)
+    for inp in (x, x[0], x.transpose(0, 1)):
+        h, gate = F.linear(inp.double(), proj.weight.double(), proj.bias.double()).chunk(2, dim=-1)
+        exact = h * F.gelu(gate)
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                ours = geglu(inp, proj)
+            assert ours.dtype == dtype and ours.shape == exact.shape
+            assert (ours.double() - exact).abs().max() <= tol * exact.abs().max(), grad

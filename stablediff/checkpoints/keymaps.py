@@ -86,8 +86,10 @@ def invert(prefixes: list[tuple[str, str, dict]]) -> list[tuple[str, str, dict]]
 
 
 def load_into(module: nn.Module, sd: dict[str, torch.Tensor], prefixes, what: str, dtype: torch.dtype,
-              device: torch.device | str = "cpu", ignore=("position_ids",)) -> None:
-    """Rename `sd` into `module`'s names and assign its tensors (each converted once to dtype and device)."""
+              device: torch.device | str = "cpu", ignore=("position_ids",),
+              conv_layout: torch.memory_format = torch.preserve_format) -> None:
+    """Rename `sd` into `module`'s names and assign its tensors, each converted once to dtype and device, and the
+    4-d ones (convolution weights) to conv_layout."""
     expected = module.state_dict()
     mapped, unexpected = {}, []
     for key, tensor in sd.items():
@@ -103,7 +105,8 @@ def load_into(module: nn.Module, sd: dict[str, torch.Tensor], prefixes, what: st
         if tensor.shape != want:
             raise UserError(f"{what}: {key} has shape {tuple(tensor.shape)}, expected {tuple(want)} "
                             "(the weights do not match the model config)")
-        mapped[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        mapped[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype,
+                                 memory_format=conv_layout if tensor.ndim == 4 else torch.preserve_format)
     missing = sorted(set(expected) - set(mapped))
     if missing or unexpected:
         def show(keys):

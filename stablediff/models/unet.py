@@ -2,11 +2,10 @@
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stablediff.nn.attention import CrossAttention
-from stablediff.nn.layers import Downsample, Linear, Upsample, embedding, group_norm, timestep_embedding
+from stablediff.nn.layers import Downsample, Linear, Upsample, embedding, geglu, group_norm, timestep_embedding
 from stablediff.nn.winograd import Conv3x3
 
 
@@ -58,8 +57,7 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim, inner * 2)
 
     def forward(self, x):
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return geglu(x, self.proj)
 
 
 class FeedForward(nn.Module):

@@ -18,11 +18,28 @@ class Linear(nn.Linear):
     dict; the same results within float rounding (tests/test_layers.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dtype == self.weight.dtype
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and onednn_linear()):
+        if on_onednn(x, self.weight):
             # contiguous: on strided rows oneDNN takes a path hundreds of times slower
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
         return super().forward(x)
+
+
+def on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a product of x by weight runs on oneDNN's inner product: CPU inference in fp32 or bf16."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dtype == weight.dtype
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and onednn_linear())
+
+
+def geglu(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+    """h * gelu(gate) where proj(x) = [h, gate]: SD's feed-forward input. On oneDNN as two products, the gelu and the
+    product by h done on each output as it is written (SD 1.5's 64x64 level, batch 2: fp32 58 ms against 78, bf16
+    19 ms against 21), and closer to exact: the gate is rounded once, not before and after its gelu."""
+    if on_onednn(x, proj.weight):
+        x, (w, w_gate), (b, b_gate) = x.contiguous(), proj.weight.chunk(2), proj.bias.chunk(2)
+        gate = torch.ops.mkldnn._linear_pointwise(x, w_gate, b_gate, "gelu", [], "none")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, gate, w, b, "mul")
+    h, gate = proj(x).chunk(2, dim=-1)
+    return h * F.gelu(gate)
 
 
 @functools.cache
