@@ -44,12 +44,11 @@ def weight_layout(device: torch.device, dtype: torch.dtype) -> torch.memory_form
     """The memory format for convolution weights: channels-last where it measured faster, bf16 on the CPU, where
     oneDNN's convolutions work in that layout and NCHW costs a reorder around each one (SD 1.5 at 512x512 on a
     2-core AVX512-BF16 CPU: a guided UNet step 4.4 s against 5.2 s, a VAE decode 4.6 s against 7.1 s;
-    BENCHMARKS.md). Each convolution's output then
-    follows its weight's layout. fp32 stays NCHW: the layout of our Winograd convolutions, and on an AVX512 CPU,
-    where channels-last sped the fp32 VAE decode up by a third, oneDNN's channels-last fp32 convolutions were 2-7x
-    less exact (a 128x128 decode 7.7e-4 from float64, against 1e-5 in NCHW). CUDA is left as it was. The loader
-    converts each weight to its dtype and layout in one copy (SD 1.5 loaded in bf16: 1.5-1.6 s against 2.2-4.1 s
-    with the layout changed afterwards)."""
+    BENCHMARKS.md). Each convolution's output then follows its weight's layout. fp32 stays NCHW: the layout of our
+    Winograd convolutions, and on an AVX512 CPU, where channels-last sped the fp32 VAE decode up by a third,
+    oneDNN's channels-last fp32 convolutions were 2-7x less exact (a 128x128 decode 7.7e-4 from float64, against
+    1e-5 in NCHW). CUDA is left as it was. The loader converts each weight to its dtype and layout in one copy (SD
+    1.5 loaded in bf16: 1.5-1.6 s against 2.2-4.1 s with the layout changed afterwards)."""
     return torch.channels_last if device.type == "cpu" and dtype == torch.bfloat16 else torch.contiguous_format
 
 
