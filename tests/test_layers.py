@@ -31,15 +31,16 @@ def test_linear_with_gradients_takes_f_linear():
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
-def test_geglu_fused_matches_its_definition(dtype, tol):
+@pytest.mark.parametrize("bias", [True, False])
+def test_geglu_fused_matches_its_definition(dtype, tol, bias):
     """h * gelu(gate) for proj(x) = [h, gate], fused on oneDNN without gradients, plain with them. In bf16 the
     fused form rounds twice (gelu(gate), the product): 2^-7 at most, relative; the plain one four times (h, gate,
     its gelu, the product): up to 1.33x that in 200 seeds here, so it is held to twice the bound."""
     torch.manual_seed(0)  # proj's init draws from the global generator
-    proj = Linear(96, 2 * 80).to(dtype)
+    proj = Linear(96, 2 * 80, bias=bias).to(dtype)
     x = torch.randn(3, 50, 96).to(dtype)
     for inp in (x, x[0], x.transpose(0, 1)):
-        h, gate = F.linear(inp.double(), proj.weight.double(), proj.bias.double()).chunk(2, dim=-1)
+        h, gate = F.linear(inp.double(), proj.weight.double(), proj.bias.double() if bias else None).chunk(2, dim=-1)
         exact = h * F.gelu(gate)
         for grad, bound in ((False, tol), (True, tol if dtype == torch.float32 else 2 * tol)):
             with torch.set_grad_enabled(grad):
