@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from PIL import Image, ImageOps
 
+from stablediff import checks
 from stablediff.adapters.embeddings import EmbeddingLibrary
 from stablediff.adapters.lora import LoraMerger, LoraUse, parse_use
 from stablediff.checkpoints import diffusers_folder as folder_fmt
@@ -20,15 +21,16 @@ from stablediff.devices import compile_module, keep_freed_memory, resolve_device
 from stablediff.diffusion.denoiser import Denoiser
 from stablediff.diffusion.schedules import TrainSchedule
 from stablediff.errors import UserError
+from stablediff.files import load_image
 from stablediff.models.clip_text import ClipTextModel
 from stablediff.models.tokenizer import ClipTokenizer
 from stablediff.models.unet import UNet
 from stablediff.models.vae import AutoencoderKL
+from stablediff.names import parse_sampler
 from stablediff.pipelines import img2img as image_pipelines
 from stablediff.pipelines.common import fit as common_fit
-from stablediff.pipelines.common import load_image, parse_sampler
 from stablediff.pipelines.depth import NO_DEPTH_SOURCE, depth_from_image, estimate_depth
-from stablediff.pipelines.txt2img import Hires
+from stablediff.pipelines.hires import Hires
 from stablediff.pipelines.txt2img import txt2img as run_txt2img
 from stablediff.pipelines.upscale import upscale as upscale_pipeline
 
@@ -146,6 +148,7 @@ class StableDiffusion:
     lora_dir: Path | None = None  # where <lora:name:weight> in a prompt looks for name.safetensors
     loras: tuple[LoraUse, ...] = ()  # merged into every render, with those the prompt names
     sampling: dict = field(default_factory=lambda: dict(SAMPLING))  # sampler and scale when a call names none
+    max_pixels: int = checks.MAX_PIXELS  # the largest image (width x height) a call may ask for
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "auto", dtype: str | torch.dtype | None = None, *,
@@ -209,13 +212,18 @@ class StableDiffusion:
         return self._denoiser
 
     def _batch(self, prompt, negative_prompt, seed, batch_size):
+        if batch_size < 1:
+            raise UserError(f"batch size must be at least 1 (got {batch_size})")
         prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        seed = random.randrange(2**32) if seed is None else seed
-        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
-        if not len(prompts) == len(negatives) == len(seeds):
-            raise UserError("give as many negative prompts and seeds as prompts")
-        return prompts, negatives, seeds
+        seeds = checks.seeds(seed, len(prompts)) if seed is None or isinstance(seed, int) else list(seed)
+        for what, values in (("negative prompts", negatives), ("seeds", seeds)):
+            if len(values) != len(prompts):
+                raise UserError(f"{len(prompts)} prompt(s) but {len(values)} {what}: give one per prompt, or one "
+                                f"{what.removesuffix('s')} for all")
+        for i, text in enumerate(prompts + negatives):
+            checks.check_prompt(text, f"{'prompt' if i < len(prompts) else 'negative prompt'} {i % len(prompts) + 1}")
+        return prompts, negatives, checks.check_seed_list(seeds)
 
     def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int = 20,
                 sampler: str | None = None, schedule: str | None = None, scale: float | None = None,
@@ -308,6 +316,7 @@ class StableDiffusion:
         Images larger than `tile` low-res pixels are upscaled in overlapping tiles, blended across `overlap`."""
         init = _image(image)
         prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
+        checks.check_pixels(init.width * 4, init.height * 4, self.max_pixels, "--max-pixels (max_pixels in Python)")
         return upscale_pipeline(self, [init] * len(prompts), prompts, negatives, seeds, noise_level=noise_level,
                                 tile=tile, overlap=overlap, callback=callback,
                                 **_sampling(self, steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))

@@ -1,20 +1,48 @@
 """The `stablediff` command. The only module that reads argv; CompVis' flag spellings are accepted."""
 import argparse
-import random
+import math
+import os
 import re
+import signal
 import sys
+import tempfile
 from pathlib import Path
 
+from stablediff import __version__, checks
 from stablediff.errors import UserError
+from stablediff.files import load_image, write_atomic, write_numbered
 
 SAMPLER_HELP = ("ddim, plms, ddpm, lms, euler, euler_a, heun, dpm2, dpm2_a, dpmpp_2m, dpmpp_2s_a, dpmpp_sde, "
                 "dpmpp_2m_sde, unipc; or an AUTOMATIC1111 name such as \"DPM++ 2M Karras\"")
 
 
-def _add_model_flags(p) -> None:
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as every other error of the command."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def number(text: str) -> float:
+    """A finite float (argparse type): NaN and infinity are refused."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def sigma(text: str) -> float:
+    """A float that may be inf but not NaN (argparse type)."""
+    value = float(text)
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    return value
+
+
+def _add_model_flags(p, vae_help: str) -> None:
     p.add_argument("--config", help="an original YAML config (e.g. v1-inference.yaml) or a preset name: v1-inference, "
                                     "v1-inpainting-inference, v2-inference, v2-inference-v, v2-midas-inference, x4-upscaling")
-    p.add_argument("--vae", help="a separate VAE file (CompVis or diffusers layout); convert bakes it in")
+    p.add_argument("--vae", help=vae_help)
     p.add_argument("--no-ema", "--no_ema", dest="no_ema", action="store_true", help="use the raw weights, not the EMA ones")
     p.add_argument("--prediction", choices=("epsilon", "v"), help="for SD 2.x files whose weights do not say")
     p.add_argument("--unsafe-pickle", action="store_true",
@@ -34,15 +62,16 @@ def _add_convert(sub) -> None:
     p.add_argument("--format", choices=("diffusers", "safetensors", "ckpt"),
                    help="default: from the output's suffix (.safetensors, .ckpt), else a diffusers folder")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="cast the weights (default: keep them)")
-    _add_model_flags(p)
+    _add_model_flags(p, "a separate VAE file (CompVis or diffusers layout), baked into the output")
 
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="what a model is: family, prediction, channels, EMA, parameters",
                        description="Say what a model file or folder is, without loading it onto a device.")
     p.add_argument("model", help="a .safetensors/.ckpt checkpoint or a diffusers folder")
-    p.add_argument("--hash", action="store_true", help="compute AUTOMATIC1111's model hash (reads the whole file; cached)")
-    _add_model_flags(p)
+    p.add_argument("--hash", action="store_true",
+                   help="compute AUTOMATIC1111's model hash (reads the whole file; cached in your cache folder)")
+    _add_model_flags(p, "a separate VAE file (CompVis or diffusers layout), described in place of the model's own")
 
 
 def _add_generation(sub, name: str, help_text: str, description: str):
@@ -63,10 +92,10 @@ def _add_generation(sub, name: str, help_text: str, description: str):
     p.add_argument("--schedule", default=None,
                    help="default (the model's own spacing), karras, exponential, trailing, leading or linspace "
                         "(default: the one in the sampler's name, else the model's own)")
-    p.add_argument("--scale", "--cfg-scale", type=float, default=None,
+    p.add_argument("--scale", "--cfg-scale", type=number, default=None,
                    help="classifier-free guidance scale (default: the model's own, else 7.5)")
     _guidance_interval_flag(p)
-    p.add_argument("--ddim_eta", "--eta", type=float, default=None, help="noise of DDIM and ancestral samplers")
+    p.add_argument("--ddim_eta", "--eta", type=number, default=None, help="noise of DDIM and ancestral samplers")
     p.add_argument("--clip-skip", type=int, default=1, help="1: the text encoder's usual layer; 2: the one before, ...")
     size = "the model's size" if name == "txt2img" else "the init image's, rounded down to a multiple of 8"
     p.add_argument("--H", "--height", type=int, dest="H", help=f"image height in pixels (default: {size})")
@@ -76,7 +105,7 @@ def _add_generation(sub, name: str, help_text: str, description: str):
     p.add_argument("--n_samples", "--batch-size", type=int, default=1, help="images per batch (1)")
     p.add_argument("--n_iter", type=int, default=1, help="batches (1)")
     p.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed + i (default and -1: a random seed)")
     p.add_argument("--fixed_code", action="store_true", help="every batch starts from the same noise")
     p.add_argument("--skip_grid", action="store_true", help="do not save a grid")
     p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
@@ -86,7 +115,7 @@ def _add_generation(sub, name: str, help_text: str, description: str):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--subseed", "--variation-seed", type=int, default=None,
                    help="variation seed: with --subseed-strength, image i's noise leans towards subseed + i's")
-    p.add_argument("--subseed-strength", "--variation-strength", type=float, default=0.0,
+    p.add_argument("--subseed-strength", "--variation-strength", type=number, default=0.0,
                    help="0 keeps the seed's image, 1 gives the variation seed's (default 0)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="merge a LoRA (kohya/A1111 or diffusers/PEFT file) at a weight (default 1); repeatable")
@@ -95,13 +124,19 @@ def _add_generation(sub, name: str, help_text: str, description: str):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet: minutes at the first step of each image size; on 2-core CPUs the "
                         "compiled steps measured no faster than eager ones (BENCHMARKS.md); for GPUs and long batches")
-    _add_model_flags(p)
+    p.add_argument("--max-pixels", type=int, default=checks.MAX_PIXELS,
+                   help=f"the largest image allowed, width x height in pixels (default {checks.MAX_PIXELS}: 2048x2048); "
+                        "raise it where the memory is there")
+    p.add_argument("--from-png", metavar="PNG",
+                   help="take the prompt and settings from a PNG's parameters (ours or AUTOMATIC1111's); flags given "
+                        "as well win over them")
+    _add_model_flags(p, "a separate VAE file (CompVis or diffusers layout) to decode and encode with")
     return p
 
 
 def _add_image_flags(p, strength: float) -> None:
     p.add_argument("--init-img", "--init_img", required=True, help="the starting image")
-    p.add_argument("--strength", type=float, default=strength,
+    p.add_argument("--strength", type=number, default=strength,
                    help=f"how much to change it, 0..1: the last int(steps x strength) steps run (default {strength})")
     p.add_argument("--resize-mode", default="just-resize", choices=("just-resize", "crop-and-resize", "resize-and-fill"),
                    help="when the image is not the requested size")
@@ -110,10 +145,10 @@ def _add_image_flags(p, strength: float) -> None:
 def _add_commands(sub) -> None:
     p = _add_generation(sub, "txt2img", "make images from a text prompt",
                         "Make images from a text prompt. CompVis' scripts/txt2img.py flags work too.")
-    p.add_argument("--hires-scale", type=float, default=None,
+    p.add_argument("--hires-scale", type=number, default=None,
                    help="hires fix: render at --W x --H, enlarge by this factor, then re-render (e.g. 2)")
     p.add_argument("--hires-steps", type=int, default=None, help="hires fix: steps of the second pass (default: --steps)")
-    p.add_argument("--hires-denoise", type=float, default=0.7, help="hires fix: how much the second pass changes, 0..1 (0.7)")
+    p.add_argument("--hires-denoise", type=number, default=0.7, help="hires fix: how much the second pass changes, 0..1 (0.7)")
     p.add_argument("--hires-upscaler", default="latent", choices=("latent", "latent-nearest", "lanczos"),
                    help="hires fix: enlarge the latents (default) or the decoded image with Lanczos")
     p = _add_generation(sub, "img2img", "re-render an image under a prompt",
@@ -162,8 +197,9 @@ def _add_train(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     for f in fields(Settings):
         choices = {"precision": ("auto", "bf16", "fp32"), "dtype": ("fp16", "bf16", "fp32")}.get(f.name)
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, choices=choices,
-                       help=f"(default {f.default})")
+        kind = number if isinstance(f.default, float) else type(f.default)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default, choices=choices,
+                       help=f"{Settings.help(f.name)} (default {f.default})")
 
 
 def _add_eval(sub) -> None:
@@ -174,7 +210,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--n", type=int, default=100, help="held-out prompts (100)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (20)")
     p.add_argument("--sampler", default="DPM++ 2M", help="sampler (DPM++ 2M)")
-    p.add_argument("--scale", type=float, default=5.0, help="guidance scale (5)")
+    p.add_argument("--scale", type=number, default=5.0, help="guidance scale (5)")
     _guidance_interval_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the first image (0)")
     p.add_argument("--outdir", help="also write each image with its prompt and what was judged in the name")
@@ -182,16 +218,15 @@ def _add_eval(sub) -> None:
 
 
 def _guidance_interval_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--guidance-interval", nargs=2, type=float, metavar=("LOW", "HIGH"), default=None,
+    p.add_argument("--guidance-interval", nargs=2, type=sigma, metavar=("LOW", "HIGH"), default=None,
                    help="guide only at sigmas from LOW to HIGH, elsewhere the prompt alone (default: the model's "
                         "own, else every step; 0 inf guides every step)")
 
 
 def _guidance_interval(args) -> tuple[float, float] | None:
     """--guidance-interval, checked (before the model loads)."""
-    from stablediff.checkpoints.original import guidance_interval
-
-    return None if args.guidance_interval is None else guidance_interval(args.guidance_interval, "--guidance-interval got")
+    return None if args.guidance_interval is None else checks.guidance_interval(args.guidance_interval,
+                                                                                "--guidance-interval got")
 
 
 def _set_guidance_interval(model, interval: tuple[float, float] | None) -> None:
@@ -200,18 +235,58 @@ def _set_guidance_interval(model, interval: tuple[float, float] | None) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="stablediff", allow_abbrev=False,
-                                     description="Stable Diffusion on your own machine.")
+    parser = Parser(prog="stablediff", allow_abbrev=False, description="Stable Diffusion on your own machine.")
+    parser.add_argument("--version", action="version", version=f"stablediff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_commands(sub)
     _add_convert(sub)
     _add_info(sub)
     _add_train(sub)
     _add_eval(sub)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "from_png", None):  # the PNG's settings become defaults, so flags given still win
+        sub.choices[args.command].set_defaults(**png_defaults(args.from_png, args.command))
+        args = parser.parse_args(argv)
+    return args
+
+
+# infotext settings (pipelines.infotext.settings) -> the dest of the flag that sets them
+_PNG_FLAGS = {"negative_prompt": "negative_prompt", "steps": "steps", "sampler": "sampler", "schedule": "schedule",
+              "scale": "scale", "seed": "seed", "width": "W", "height": "H", "clip_skip": "clip_skip", "eta": "ddim_eta",
+              "subseed": "subseed", "subseed_strength": "subseed_strength", "hires_scale": "hires_scale",
+              "hires_steps": "hires_steps", "hires_upscaler": "hires_upscaler", "mask_blur": "mask_blur",
+              "noise_level": "noise_level", "prompt": "png_prompt"}
+
+
+def png_defaults(path: str, command: str) -> dict:
+    """The flag defaults that render a PNG's parameters again with `command`."""
+    from PIL import Image
+
+    from stablediff.pipelines.infotext import settings
+
+    try:
+        with Image.open(path) as image:
+            text = image.info.get("parameters")
+    except FileNotFoundError:
+        raise UserError(f"--from-png {path}: no such file") from None
+    except OSError as e:
+        raise UserError(f"--from-png {path}: not an image Pillow can read ({e})") from None
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"--from-png {path}: the image has no generation parameters (no 'parameters' text chunk)")
+    found = settings(text)
+    out = {_PNG_FLAGS[k]: v for k, v in found.items() if k in _PNG_FLAGS}
+    if "denoising_strength" in found:
+        out["hires_denoise" if command == "txt2img" else "strength"] = found["denoising_strength"]
+    if "guidance_interval" in found:
+        out["guidance_interval"] = list(found["guidance_interval"])
+    if command != "txt2img":  # their size comes from the init image unless given
+        out.pop("W", None), out.pop("H", None)
+    out["png_model"] = found.get("model")
+    return out
 
 
 def read_prompts(args) -> list[str]:
+    """The prompts to render, from --from-file, the command line or --from-png, without control characters."""
     if args.from_file:
         try:
             text = Path(args.from_file).read_text(encoding="utf-8")
@@ -220,31 +295,35 @@ def read_prompts(args) -> list[str]:
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise UserError(f"{args.from_file} has no prompts (one prompt per line)")
-        return prompts
-    if args.prompt is not None and args.prompt_pos is not None:
-        raise UserError("give the prompt once: either positionally or with --prompt")
-    prompt = args.prompt if args.prompt is not None else args.prompt_pos
-    if prompt is None:
-        raise UserError('no prompt: stablediff txt2img "a photograph of an astronaut riding a horse"')
-    return [prompt]
+    else:
+        if args.prompt is not None and args.prompt_pos is not None:
+            raise UserError("give the prompt once: either positionally or with --prompt")
+        prompt = next((p for p in (args.prompt, args.prompt_pos, getattr(args, "png_prompt", None)) if p is not None), None)
+        if prompt is None:
+            raise UserError('no prompt: stablediff txt2img "a photograph of an astronaut riding a horse"')
+        prompts = [prompt]
+    cleaned = [checks.clean_prompt(p) for p in [*prompts, args.negative_prompt]]
+    if removed := sum(n for _, n in cleaned):
+        print(f"stablediff: note: removed {removed} control character(s) from the prompts (NUL, escape and the "
+              "like have no place in a prompt or a PNG's text)", file=sys.stderr)
+    args.negative_prompt = cleaned[-1][0]
+    return [p for p, _ in cleaned[:-1]]
 
 
-def next_number(folder: Path, pattern: str) -> int:
-    """One past the highest number among files named like `pattern` (a regex with one group)."""
-    numbers = [int(m.group(1)) for f in folder.iterdir() if (m := re.fullmatch(pattern, f.name))] if folder.is_dir() else []
-    return max(numbers, default=-1) + 1
-
-
-def save_png(image, path: Path, parameters: str | None) -> None:
-    """Write atomically: a temporary file in the same folder, renamed into place once complete."""
+def save_png(image, path: Path | None, parameters: str | None, folder: Path | None = None, name: str = "") -> Path:
+    """Write atomically to `path`, or to the next free number of `name` in `folder` (never overwriting)."""
     from PIL.PngImagePlugin import PngInfo
-
-    from stablediff.files import write_atomic
 
     info = PngInfo()
     if parameters:
-        info.add_text("parameters", parameters)
-    write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+        info.add_text("parameters", parameters)  # Pillow writes iTXt where the text is not Latin-1
+
+    def write(tmp):
+        image.save(tmp, format="PNG", pnginfo=info)
+    if path is None:
+        return write_numbered(folder, name, write)
+    write_atomic(path, write)
+    return path
 
 
 def make_grid(images, per_row: int, pad: int = 2):
@@ -258,16 +337,29 @@ def make_grid(images, per_row: int, pad: int = 2):
     return grid
 
 
+# flag: (dest, lowest, highest or None) of every bounded number the image commands take
+_BOUNDS = {"--steps": ("steps", 1, None), "--n_samples": ("n_samples", 1, None), "--n_iter": ("n_iter", 1, None),
+           "--n_rows": ("n_rows", 0, None), "--clip-skip": ("clip_skip", 1, None), "--max-pixels": ("max_pixels", 1, None),
+           "--ddim_eta": ("ddim_eta", 0, None), "--subseed-strength": ("subseed_strength", 0, 1),
+           "--strength": ("strength", 0, 1), "--mask-blur": ("mask_blur", 0, None), "--padding": ("padding", 0, None),
+           "--noise-level": ("noise_level", 0, 350), "--tile": ("tile", 8, None), "--tile-overlap": ("tile_overlap", 0, None)}
+
+
 def _check_numbers(args) -> None:
-    for name in ("steps", "n_samples", "n_iter"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    """Every number the image commands take, in range, before anything is loaded."""
+    for flag, (dest, low, high) in _BOUNDS.items():
+        value = getattr(args, dest, None)
+        if value is not None and (value < low or (high is not None and value > high)):
+            within = f"at least {low}" if high is None else f"from {low} to {high}"
+            raise UserError(f"{flag} must be {within} (got {value:g})")
     for name in ("H", "W"):
         value = getattr(args, name)
         if value is not None and (value <= 0 or value % 8):
             raise UserError(f"--{name} {value}: width and height must be positive multiples of 8")
     if args.C != 4:
         raise UserError(f"--C {args.C}: Stable Diffusion latents have 4 channels")
+    if getattr(args, "tile_overlap", 0) >= getattr(args, "tile", 1):
+        raise UserError(f"--tile-overlap {args.tile_overlap} must be smaller than --tile {args.tile}")
 
 
 def batches(prompts: list[str], args, seed: int):
@@ -308,9 +400,9 @@ def _render(model, args, images: dict, prompts: list[str], seeds: list[int], cal
 
 
 def _hires(args):
-    from stablediff.pipelines.txt2img import Hires
+    from stablediff.pipelines.hires import Hires
 
-    if args.hires_scale is None:
+    if getattr(args, "hires_scale", None) is None:
         return None
     hires = Hires(args.hires_scale, args.hires_steps, args.hires_denoise, args.hires_upscaler)
     hires.check()
@@ -324,70 +416,138 @@ def _progress_steps(args) -> int:
     return args.steps + ((args.hires_steps or args.steps) if getattr(args, "hires_scale", None) else 0)
 
 
-def generate(args) -> None:
-    """Every image-making command: batches, progress, numbered PNGs with their parameters, a grid."""
-    from tqdm import tqdm
+def _extend(args) -> tuple[int, int, int, int]:
+    try:
+        extend = tuple(int(v) for v in args.extend.split(","))
+    except ValueError:
+        extend = ()
+    if len(extend) != 4 or min(extend) < 0:
+        raise UserError(f"--extend {args.extend}: give four numbers of pixels, left,right,up,down (e.g. 0,128,0,0)")
+    return extend
 
-    from stablediff.adapters.lora import take_tags
-    from stablediff.api import StableDiffusion
-    from stablediff.pipelines.depth import NO_DEPTH_SOURCE
-    from stablediff.pipelines.common import load_image, parse_sampler
+
+def _read_images(args) -> dict:
+    """The command's input images, read before the model so that a bad path fails fast."""
+    if args.command == "txt2img":
+        return {}
+    images = {"init": load_image(args.init_img)}
+    if args.command == "inpaint":
+        images["mask"] = load_image(args.mask, "L")
+        if images["mask"].size != images["init"].size:
+            print(f"note: the mask is {images['mask'].width}x{images['mask'].height} and the image "
+                  f"{images['init'].width}x{images['init'].height}; the mask is resized to fit", file=sys.stderr)
+    if args.command == "depth2img" and args.depth_map:
+        images["depth"] = load_image(args.depth_map, "F")
+    elif args.command == "depth2img" and not args.depth_model:
+        from stablediff.pipelines.depth import NO_DEPTH_SOURCE
+
+        raise UserError(NO_DEPTH_SOURCE)
+    return images
+
+
+def _check_size(args, images: dict) -> None:
+    """The images the command will make, within --max-pixels (sizes the model decides are checked once it loads)."""
+    sizes = []
+    if args.command == "txt2img" and args.W and args.H:
+        sizes.append((args.W, args.H))
+        if hires := _hires(args):
+            sizes.append(hires.size(args.W, args.H))
+    elif "init" in images:
+        w, h = images["init"].size
+        if args.command == "upscale":
+            sizes.append((w * 4, h * 4))
+        elif args.command == "outpaint":
+            left, right, up, down = args.extend_px
+            sizes.append((w // 8 * 8 + left + right, h // 8 * 8 + up + down))
+        else:
+            sizes.append((args.W or w // 8 * 8, args.H or h // 8 * 8))
+    for width, height in sizes:
+        checks.check_pixels(width, height, args.max_pixels)
+
+
+def _output_folder(outdir: str) -> Path:
+    """The samples folder under --outdir, created, with a file written and removed there to prove it can be."""
+    samples = Path(outdir) / "samples"
+    try:
+        samples.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=samples):
+            pass
+    except OSError as e:
+        why = "it is a file" if Path(outdir).is_file() else e.strerror or str(e)
+        raise UserError(f"--outdir {outdir}: cannot write images there ({why}); choose a folder you can write to") from None
+    return samples
+
+
+def _seeds(args, prompts: list[str]) -> int:
+    """The first image's seed (-1 or none: a random one), checked for every image the command makes."""
+    count = max(seed for _, seeds in batches(prompts, args, 0) for seed in seeds) + 1
+    seed = checks.seeds(args.seed, count)[0]
+    if args.subseed is not None:
+        checks.seeds(args.subseed, count, "--subseed")
+    return seed
+
+
+def generate(args) -> None:
+    """Every image-making command: batches, progress, numbered PNGs with their parameters, a grid. Every argument
+    is checked before torch is imported, and the output folder before the model loads."""
+    from stablediff.names import parse_sampler
 
     _check_numbers(args)
     prompts = read_prompts(args)
     args.sampler_key, args.schedule_key = parse_sampler("plms" if args.plms else "dpmpp_2m" if args.dpm else args.sampler,
                                                         args.schedule)
-    images = {}
     if args.command == "outpaint":
-        try:
-            args.extend_px = tuple(int(v) for v in args.extend.split(","))
-        except ValueError:
-            args.extend_px = ()
-        if len(args.extend_px) != 4:
-            raise UserError(f"--extend {args.extend}: give four numbers, left,right,up,down (e.g. 0,128,0,0)")
-    if args.command != "txt2img":  # read the images before the model, so a bad path fails fast
-        images["init"] = load_image(args.init_img)
-        if args.command == "inpaint":
-            images["mask"] = load_image(args.mask, "L")
-            if images["mask"].size != images["init"].size:
-                print(f"note: the mask is {images['mask'].width}x{images['mask'].height} and the image "
-                      f"{images['init'].width}x{images['init'].height}; the mask is resized to fit", file=sys.stderr)
-        if args.command == "depth2img" and args.depth_map:
-            images["depth"] = load_image(args.depth_map, "F")
-        elif args.command == "depth2img" and not args.depth_model:
-            raise UserError(NO_DEPTH_SOURCE)
-    if args.command == "txt2img":
-        _hires(args)  # a bad hires setting or a missing LoRA fails before the model loads
+        args.extend_px = _extend(args)
+    _hires(args)
     interval = _guidance_interval(args)
+    seed = _seeds(args, prompts)
+    images = _read_images(args)
+    _check_size(args, images)
+    samples_dir = _output_folder(args.outdir)
+    model = _load_for(args, prompts)
+    _set_guidance_interval(model, interval)
+    print(f"seed: {seed}", file=sys.stderr)
+    made = _render_all(model, args, images, prompts, seed, samples_dir)
+    grid = None
+    if not args.skip_grid:
+        grid = save_png(make_grid(made, args.n_rows or args.n_samples), None, made[0].info.get("parameters"),
+                        samples_dir.parent, "grid-{:04d}.png")
+    print(f"wrote {0 if args.skip_save else len(made)} image(s) to {samples_dir}" +
+          ("" if grid is None else f" and a grid to {grid}"), file=sys.stderr)
+
+
+def _load_for(args, prompts: list[str]):
+    """The model, with its LoRAs and embeddings; a missing LoRA named in a prompt fails before it loads."""
+    from stablediff.adapters.lora import take_tags
+    from stablediff.api import StableDiffusion
+
     for prompt in prompts:
         take_tags(prompt, Path(args.lora_dir) if args.lora_dir else None)
     model = StableDiffusion.load(args.model, device=args.device, dtype="bf16" if args.bf16 else args.precision,
                                  embeddings_dir=args.embeddings_dir, lora_dir=args.lora_dir, loras=args.lora,
                                  compile=args.compile, **_load_kwargs(args))
+    model.max_pixels = args.max_pixels
     if args.f is not None and args.f != model.vae_scale:
         raise UserError(f"--f {args.f}: this model's VAE downsamples by {model.vae_scale}")
-    _set_guidance_interval(model, interval)
-    seed = random.randrange(2**32) if args.seed is None else args.seed
-    print(f"seed: {seed}", file=sys.stderr)
-    outdir = Path(args.outdir)
-    samples_dir = outdir / "samples"
-    samples_dir.mkdir(parents=True, exist_ok=True)
-    number = next_number(samples_dir, r"(\d{5})\.png")
-    steps = _progress_steps(args)
-    made = []
+    if getattr(args, "png_model", None) and args.png_model != model.name:
+        print(f"stablediff: note: {args.from_png} was made with the model {args.png_model}; this is {model.name}",
+              file=sys.stderr)
+    return model
+
+
+def _render_all(model, args, images: dict, prompts: list[str], seed: int, samples_dir: Path) -> list:
+    """Every batch, each image written as it is made at the next number nobody else has taken."""
+    from tqdm import tqdm
+
+    made, steps = [], _progress_steps(args)
     for batch_prompts, seeds in batches(prompts, args, seed):
         with tqdm(total=steps, unit="step", desc="sampling", leave=False) as bar:
             batch = _render(model, args, images, batch_prompts, seeds, lambda *_: bar.update(1))
         for image in batch:
             if not args.skip_save:
-                save_png(image, samples_dir / f"{number:05d}.png", image.info.get("parameters"))
-                number += 1
+                save_png(image, None, image.info.get("parameters"), samples_dir, "{:05d}.png")
         made += batch
-    if not args.skip_grid:
-        grid_path = outdir / "grid-{:04d}.png".format(next_number(outdir, r"grid-(\d{4})\.png"))
-        save_png(make_grid(made, args.n_rows or args.n_samples), grid_path, made[0].info.get("parameters"))
-    print(f"wrote {0 if args.skip_save else len(made)} image(s) to {samples_dir}" +
-          ("" if args.skip_grid else f" and a grid to {grid_path}"), file=sys.stderr)
+    return made
 
 
 def convert(args) -> None:
@@ -454,22 +614,55 @@ def eval_demo(args) -> None:
         print(f"  {name:<10} {percent(result['accuracy'][name])}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is so that it unwinds as after Ctrl-C: temporary files go, nothing is
+    left half-written."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _out_of_memory(e: BaseException) -> str | None:
+    """One line for an allocation that failed (torch's CPU and CUDA allocators, Python's), else None."""
+    text = str(e)
+    asked = re.search(r"tried to allocate (\d+) bytes", text) or re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
+    if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text):
+        return None
+    size = asked and (f"{int(asked.group(1)) / 2**30:.1f} GiB" if asked.group(1).isdigit() else asked.group(1))
+    return (f"out of memory{f': one allocation of {size} was asked for' if size else ''}; try a smaller --H/--W, "
+            "--n_samples or --max-pixels")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except UserError as e:  # --from-png's file
+        print(f"stablediff: error: {e}", file=sys.stderr)
+        return 2
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         commands = {"convert": convert, "info": info, "train": train, "eval-demo": eval_demo}
         commands.get(args.command, generate)(args)
+        sys.stdout.flush()
     except UserError as e:
         print(f"stablediff: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         kept = ("the last checkpoint was kept: run the same command to resume" if args.command == "train"
                 else "finished images were kept")
-        print(f"stablediff: interrupted; {kept}, nothing half-written", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print("stablediff: error: out of memory; try a smaller --H/--W or --n_samples", file=sys.stderr)
-        return 1
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"stablediff: {what}; {kept}, nothing half-written", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except BrokenPipeError:  # `stablediff info X | head`: the reader has gone; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (MemoryError, RuntimeError) as e:
+        if (line := _out_of_memory(e)) is None:
+            raise
+        print(f"stablediff: error: {line}", file=sys.stderr)
+        return 2
     return 0
 
 

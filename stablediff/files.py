@@ -1,8 +1,13 @@
-"""Writing files so that none is ever half-written: to a temporary name in the same folder, then renamed."""
+"""Writing files so that none is ever half-written or overwritten: to a temporary name in the same folder, then
+renamed (or linked, which fails rather than replace a file that is there)."""
+import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+from stablediff.errors import UserError
 
 
 def default_mode(folder: bool = False) -> int:
@@ -12,15 +17,76 @@ def default_mode(folder: bool = False) -> int:
     return (0o777 if folder else 0o666) & ~mask
 
 
-def write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """write(tmp_name) fills a temporary file beside `path`, which is then renamed into place with the
-    permissions a newly created file would have (mkstemp's are owner-only)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    os.close(fd)
+def _written(folder: Path, name: str, write: Callable[[str], None]) -> str:
+    """A complete temporary file in `folder`, filled by write(tmp_name), with a new file's permissions."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}-", suffix=".tmp")
     try:
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, default_mode())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """write(tmp_name) fills a temporary file beside `path`, which is then renamed into place (replacing it)."""
+    tmp = _written(path.parent, path.name, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def next_number(folder: Path, pattern: str) -> int:
+    """One past the highest number among files named like `pattern` (a regex with one group)."""
+    numbers = [int(m.group(1)) for f in folder.iterdir() if (m := re.fullmatch(pattern, f.name))] if folder.is_dir() else []
+    return max(numbers, default=-1) + 1
+
+
+def _claim(tmp: str, path: Path) -> None:
+    """Give the complete file `tmp` the name `path` unless that name exists (FileExistsError)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: claim the name empty, then replace it whole
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, default_mode()))
+        os.replace(tmp, path)
+
+
+def write_numbered(folder: Path, name: str, write: Callable[[str], None]) -> Path:
+    """Write a new file `name` (a format with one number, e.g. "{:05d}.png") at the first free number past the
+    highest in `folder`, claimed at the moment it appears: the complete file is hard-linked to its name, which fails
+    where another process took that number first, and then the next is tried. Never overwrites, never half-written."""
+    regex = re.escape(name).replace(re.escape(name[name.index("{"):name.index("}") + 1]), r"(\d+)")
+    tmp = _written(folder, name.format(0), write)
+    try:
+        number = next_number(folder, regex)
+        while True:
+            path = folder / name.format(number)
+            try:
+                _claim(tmp, path)
+                return path
+            except FileExistsError:
+                number = max(number + 1, next_number(folder, regex))
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # linked, or renamed by _claim's fallback
+            os.unlink(tmp)
+
+
+def load_image(path, mode: str = "RGB"):
+    """An image file as a PIL image in `mode`, or a one-line error saying what is wrong with it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such image file") from None
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{path}: refused: {e}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not an image Pillow can read ({e})") from None

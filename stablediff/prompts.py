@@ -33,7 +33,7 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     for m in _SYNTAX.finditer(text):
         token, weight = m.group(0), m.group(1)
         if token.startswith("\\"):
-            pieces.append([token[1:] if len(token) > 1 else token, 1.0])
+            pieces.append([token[1:], 1.0])  # a lone backslash is dropped, as the webui drops it
         elif token == "(":
             round_open.append(len(pieces))
         elif token == "[":
@@ -146,7 +146,7 @@ def encode(text_encoder, tokenizer, prompts: list[str], device, clip_skip: int =
 # --- prompt editing [from:to:when], alternation [a|b] and AND -------------------------------------------------------
 
 _NUMBER = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*]")
-_PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+", re.S)
+_PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+")  # no re.S: a backslash before a newline fails, as in the webui
 _AND = re.compile(r"\bAND\b")
 _PART_WEIGHT = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", re.S)
 

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random-weight models of the real architecture, built and saved by the reference
 libraries (diffusers, transformers), so our loader reads the same files users have."""
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Model hashes and the like are cached in a folder of the test run's own, never the user's."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
 
 
 def _jitter_norms(module: torch.nn.Module, gen: torch.Generator) -> None:

@@ -1,10 +1,12 @@
 """Single-file checkpoints: the same image from every format, EMA, dtypes, --vae, convert round trips,
 info and its hash, and files that must be refused (pickles that run code, zip tricks, bad safetensors)."""
 import json
+import os
 import pickle
 import struct
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,6 +215,8 @@ def test_info_and_model_hash(files, tmp_path, capsys):
     assert cli.main(["info", str(path), "--hash"]) == 0
     expected = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
     assert json.loads(capsys.readouterr().out)["model hash"] == expected
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # the cache is not beside the file
+    assert len(list((Path(os.environ["XDG_CACHE_HOME"]) / "stablediff" / "hashes").glob("*.json"))) >= 1
     out = tmp_path / "out"
     assert cli.main(["txt2img", "a", "--model", str(path), "--outdir", str(out), "--H", "64", "--W", "64",
                      "--steps", "2", "--skip_grid", "--seed", "1"]) == 0

@@ -56,7 +56,7 @@ def test_compvis_flags_and_fixed_code(tmp_path, tiny_model_dir):
                "full", "--device", "cpu", "--C", "4", "--f", "8") == 0
     first, second = (np.asarray(Image.open(tmp_path / "samples" / f"{i:05d}.png")) for i in range(2))
     assert np.array_equal(first, second)  # --fixed_code: every batch starts from the same noise
-    assert "Steps: 3, Sampler: PLMS, Schedule type: Automatic, CFG scale: 3" in params(tmp_path / "samples" / "00000.png")
+    assert "Steps: 3, Sampler: PLMS, Schedule type: DDIM, CFG scale: 3" in params(tmp_path / "samples" / "00000.png")
 
 
 def test_skip_save_writes_only_the_grid(tmp_path, tiny_model_dir):

@@ -186,7 +186,7 @@ def test_txt2img_without_a_model_uses_the_demo_model(tmp_path):
     image = Image.open(tmp_path / "samples" / "00000.png")
     assert image.size == (64, 64)
     # with its own sampling defaults (its config's), not SD's DPM++ 2M Karras at 7.5
-    assert "Sampler: DPM++ 2M, Schedule type: Automatic, CFG scale: 3, Seed: 3, Size: 64x64, Model: shapes-64" in \
+    assert "Sampler: DPM++ 2M, Schedule type: Simple, CFG scale: 3, Seed: 3, Size: 64x64, Model: shapes-64" in \
         image.info["parameters"]
 
 

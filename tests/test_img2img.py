@@ -154,7 +154,7 @@ def test_img2img_and_inpaint_commands(ours, tiny_model_dir, tmp_path, capsys):
     assert cli.main(["img2img", "x", "--init-img", str(init), "--model", str(tiny_model_dir), "--strength", "2",
                      "--outdir", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
-        "stablediff: error: strength 2.0 is outside 0..1 (0 keeps the image, 1 repaints it entirely)"
+        "stablediff: error: --strength must be from 0 to 1 (got 2)"
 
 
 def depth_map(size=64) -> Image.Image:

@@ -23,6 +23,8 @@ PARSED = [  # (prompt, expected (text, weight) pieces), from the webui's documen
     ("a BREAK b", [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]),
     ("a: b", [("a: b", 1.0)]),
     ("", [("", 1.0)]),
+    ("C:\\path\\to", [("C:pathto", 1.0)]),  # a lone backslash is dropped, as the webui's re_attention drops it
+    ("a \\\\ b \\", [("a \\ b ", 1.0)]),  # an escaped backslash stays, a trailing one goes
 ]
 
 
@@ -147,6 +149,9 @@ SCHEDULED = [  # (prompt, steps, first pass steps, expected [(last step, text)])
     ("[a:b:-1]", 10, None, [(10, "b")]),
     ("[a:b:3]]", 10, None, [(3, "a]"), (10, "b]")]),
     ("((a:b:3))", 10, None, [(10, "((a:b:3))")]),
+    ("a [b:c:2] \\\nd", 10, None, [(10, "a [b:c:2] \\\nd")]),  # lark's `\\.` matches no newline: no parse
+    ("a [b:c:2] \\", 10, None, [(10, "a [b:c:2] \\")]),  # nor a trailing backslash
+    ("a [b:c:2]\nd \\[x\\]", 10, None, [(2, "a b\nd \\[x\\]"), (10, "a c\nd \\[x\\]")]),
 ]
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from stablediff.checkpoints import detect as rules
 from stablediff.checkpoints.keymaps import hf_to_openclip, invert, rename, unet_prefixes, vae_prefixes
+from stablediff.checkpoints.diffusers_folder import FOLDER_CONFIG_KEY
 from stablediff.checkpoints.original import CONFIG_KEY
 from stablediff.checkpoints.spec import ModelSpec
 from stablediff.errors import UserError
@@ -104,6 +105,8 @@ def diffusers_configs(spec: ModelSpec) -> dict[str, dict]:
              "feature_extractor": [None, None], "safety_checker": [None, None], "scheduler": ["diffusers", "PNDMScheduler"],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    if spec.config_text:  # what the JSON configs cannot say (the sampling defaults), for stablediff; diffusers skips it
+        index[FOLDER_CONFIG_KEY] = spec.config_text
     return {"unet/config.json": unet, "vae/config.json": vae, "text_encoder/config.json": text,
             "scheduler/scheduler_config.json": sched, "model_index.json": index}
 
@@ -136,13 +139,13 @@ def write_diffusers(spec: ModelSpec, parts: dict, out: Path) -> None:
 
 
 def write_file(sd: dict[str, torch.Tensor], out: Path, fmt: str, config_text: str | None = None) -> None:
-    """Atomically: to a temporary name beside `out`, then renamed. A .safetensors file carries the model's
-    original YAML config in its metadata, when it has one."""
+    """Atomically: to a temporary name beside `out`, then renamed. The file carries the model's original YAML
+    config, when it has one: in a .safetensors header's metadata, in a .ckpt beside the state_dict."""
     def write(tmp):
         if fmt == "safetensors":
             save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata={CONFIG_KEY: config_text} if config_text else None)
-        else:
-            torch.save({"state_dict": sd}, tmp)
+        else:  # a plain string beside the state_dict: the weights-only unpickler reads it, and other tools skip it
+            torch.save({"state_dict": sd, **({CONFIG_KEY: config_text} if config_text else {})}, tmp)
 
     write_atomic(out, write)
 
@@ -177,4 +180,14 @@ def describe(spec: ModelSpec) -> dict:
             "prediction": spec.schedule.prediction if spec.prediction_known else "unknown (probed at load)",
             "unet input channels": spec.unet.in_channels, "native size": spec.native_size,
             "ema": {None: "no EMA weights", True: "EMA weights used", False: "raw weights used (EMA present)"}[spec.ema],
-            "parts": parts, "unet": asdict(spec.unet)}
+            "sampling defaults": _sampling_facts(spec.sampling), "parts": parts, "unet": asdict(spec.unet)}
+
+
+def _sampling_facts(sampling: dict) -> dict | str:
+    """The model's own sampler, scale and guidance interval, as `info` shows them."""
+    if not sampling:
+        return "none in the model (DPM++ 2M Karras, scale 7.5, guided at every step)"
+    facts = {k: v for k, v in sampling.items() if k != "guidance_interval"}
+    if "guidance_interval" in sampling:
+        facts["guidance interval"] = "{:g}-{:g}".format(*sampling["guidance_interval"])
+    return facts

@@ -11,6 +11,7 @@ from stablediff.models.tokenizer import EOS
 from stablediff.models.unet import UNetConfig
 from stablediff.models.vae import VAEConfig
 
+FOLDER_CONFIG_KEY = "_stablediff_config"  # model_index.json: the original YAML config of a model converted from a file
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
                 "pytorch_model.bin")
 
@@ -24,6 +25,22 @@ def read_config(folder: Path, part: str, name: str = "config.json") -> dict:
                         "text_encoder/, tokenizer/ and scheduler/ beside model_index.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def parse_config(folder: Path, part: str, parse, name: str = "config.json"):
+    """parse(the part's JSON config), or one line naming the file when a key is missing or of the wrong kind."""
+    path = folder / part / name
+    config = read_config(folder, part, name)
+    try:
+        if not isinstance(config, dict):
+            raise TypeError(f"a JSON {type(config).__name__}, not an object")
+        return parse(config)
+    except KeyError as e:
+        raise UserError(f"{path}: not a diffusers {part or 'model index'} config (no {e} key)") from None
+    except (TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError) as e:
+        raise UserError(f"{path}: not a diffusers {part or 'model index'} config ({e})") from None
 
 
 def weights_file(folder: Path, part: str) -> Path:
@@ -90,9 +107,8 @@ def train_schedule(c: dict) -> TrainSchedule:
 def pad_token(folder: Path) -> str | None:
     """The tokenizer folder's pad token (SD 2.x pads with "!"), if it names one."""
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        path = folder / "tokenizer" / name
-        if path.is_file():
-            pad = json.loads(path.read_text(encoding="utf-8")).get("pad_token")
+        if (folder / "tokenizer" / name).is_file():
+            pad = parse_config(folder, "tokenizer", lambda c: c.get("pad_token"), name)
             if isinstance(pad, dict):
                 pad = pad.get("content")
             if pad:
@@ -105,16 +121,21 @@ def read(path: Path, unsafe_pickle: bool = False) -> ModelSpec:
     from stablediff.checkpoints.io import read_state_dict
 
     unet_json = read_config(path, "unet")
-    spec = ModelSpec(unet=unet_config(unet_json), vae=vae_config(read_config(path, "vae")),
-                     clip=clip_config(read_config(path, "text_encoder")),
-                     schedule=train_schedule(read_config(path, "scheduler", "scheduler_config.json")), name=path.name,
+    spec = ModelSpec(unet=parse_config(path, "unet", unet_config), vae=parse_config(path, "vae", vae_config),
+                     clip=parse_config(path, "text_encoder", clip_config),
+                     schedule=parse_config(path, "scheduler", train_schedule, "scheduler_config.json"), name=path.name,
                      pad_token=pad_token(path) or EOS,
                      tokenizer_tables=path / "tokenizer" if (path / "tokenizer" / "vocab.json").is_file() else None)
     spec.native_size = unet_json.get("sample_size", 64) * 2 ** (len(spec.vae.ch_mult) - 1)
     spec.family = "sd2" if spec.clip.act == "gelu" else "sd1"
     spec.variant = {4: "base", 9: "inpainting", 5: "depth", 7: "upscaler"}.get(spec.unet.in_channels, "base")
     if (path / "low_res_scheduler" / "scheduler_config.json").is_file():
-        spec.low_res_schedule = train_schedule(read_config(path, "low_res_scheduler", "scheduler_config.json"))
+        spec.low_res_schedule = parse_config(path, "low_res_scheduler", train_schedule, "scheduler_config.json")
+    text = parse_config(path, "", lambda c: c.get(FOLDER_CONFIG_KEY), "model_index.json")
+    if isinstance(text, str):  # the YAML of the file it was converted from: its sampling defaults, for the way back
+        from stablediff.checkpoints.original import parse_yaml, sampling_from_yaml
+
+        spec.config_text, spec.sampling = text, sampling_from_yaml(parse_yaml(text, str(path / "model_index.json")))
     maps = {"text_encoder": clip_prefixes(), "unet": unet_prefixes(spec.unet), "vae": vae_prefixes(spec.vae)}
     spec.weights = {part: (read_state_dict(weights_file(path, part), unsafe_pickle), maps[part]) for part in maps}
     return spec

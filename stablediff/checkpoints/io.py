@@ -173,17 +173,29 @@ def read_pickle(path: Path, unsafe: bool = False) -> dict:
 
 def read_state_dict(path: Path, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a .safetensors or pickled weights file, unwrapped from a top-level `state_dict`."""
+    return read_weights(path, unsafe_pickle)[0]
+
+
+def read_weights(path: Path, unsafe_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a weights file: a .safetensors header's `__metadata__`, or the strings at the top
+    level of a pickle beside its `state_dict` (where stablediff keeps a model's config in a .ckpt)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     if path.suffix == ".safetensors":
-        sd = read_safetensors(path)
-    elif path.suffix in PICKLE_SUFFIXES:
-        sd = read_pickle(path, unsafe_pickle)
-    else:
+        return read_safetensors(path), read_metadata(path)
+    if path.suffix not in PICKLE_SUFFIXES:
         raise UserError(f"{path}: unknown weights format (expected .safetensors, .ckpt, .pt, .pth or .bin)")
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise UserError(f"{path}: holds a {type(sd).__name__}, not a dictionary of tensors")
-    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    top = sd = _plain(read_pickle(path, unsafe_pickle), path)
+    if isinstance(sd.get("state_dict"), dict):
+        sd = _plain(sd["state_dict"], path)
+    meta = {k: v for k, v in top.items() if isinstance(k, str) and isinstance(v, str)} if sd is not top else {}
+    return {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}, meta
+
+
+def _plain(value, path: Path) -> dict:
+    """A plain dict of what a pickle held. dict's own methods read it: an unpickled OrderedDict can carry instance
+    attributes named `items` or `get` that would shadow them."""
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: holds a {type(value).__name__}, not a dictionary of tensors")
+    return dict(dict.items(value))

@@ -11,7 +11,8 @@ from pathlib import Path
 import yaml
 
 from stablediff.checkpoints import detect as rules
-from stablediff.checkpoints.io import read_metadata, read_state_dict
+from stablediff.checks import guidance_interval
+from stablediff.checkpoints.io import read_weights
 from stablediff.checkpoints.keymaps import clip_prefixes, ema_key, openclip_to_hf
 from stablediff.checkpoints.spec import ModelSpec
 from stablediff.diffusion.schedules import TrainSchedule
@@ -57,15 +58,15 @@ def read_yaml(config: str | Path) -> dict:
     return parse_yaml(config_text(config), str(config))
 
 
-def find_config(path: Path, config: str | Path | None) -> str | None:
-    """The YAML text that describes a checkpoint: --config, else a .yaml beside it, else the one a .safetensors
-    file carries in its metadata (stablediff writes one for models of sizes other than SD's, such as the demo
-    model); None when there is none and the shapes must tell."""
+def find_config(path: Path, config: str | Path | None, metadata: dict[str, str]) -> str | None:
+    """The YAML text that describes a checkpoint: --config, else a .yaml beside it, else the one the file carries
+    (stablediff writes its config into every file it converts or trains, in a .safetensors header's metadata or
+    beside a .ckpt's state_dict); None when there is none and the shapes must tell."""
     beside = path.with_suffix(".yaml")
     config = config or (beside if beside.is_file() else None)
     if config is not None:
         return config_text(config)
-    return read_metadata(path).get(CONFIG_KEY) if path.suffix == ".safetensors" else None
+    return metadata.get(CONFIG_KEY)
 
 
 def unet_from_yaml(p: dict) -> UNetConfig:
@@ -138,15 +139,6 @@ def sampling_from_yaml(params: dict) -> dict:
     return sampling
 
 
-def guidance_interval(value, where: str) -> tuple[float, float]:
-    """[low, high] sigmas, low < high (high may be .inf) -> (low, high); else a UserError that begins with `where`."""
-    if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-            or not 0 <= value[0] < value[1]):
-        raise UserError(f"{where} {value!r}; give two sigmas, low then high, 0 <= low < high (high may be inf)")
-    return float(value[0]), float(value[1])
-
-
 def train_schedule(start=0.00085, end=0.012, steps=1000, prediction="epsilon", spacing="leading") -> TrainSchedule:
     # CompVis' "linear" beta schedule is linear in sqrt(beta): diffusers' scaled_linear
     return TrainSchedule(beta_start=start, beta_end=end, num_train_timesteps=steps, prediction=prediction,
@@ -159,9 +151,9 @@ def _strip(sd: dict, prefix: str) -> dict:
 
 def read(path: Path, config: str | Path | None = None, use_ema: bool = True, prediction: str | None = None,
          unsafe_pickle: bool = False) -> ModelSpec:
-    sd = read_state_dict(path, unsafe_pickle)
+    sd, metadata = read_weights(path, unsafe_pickle)
     found = rules.detect({k: tuple(v.shape) for k, v in sd.items()}, str(path))
-    text = find_config(path, config)
+    text = find_config(path, config, metadata)
     native, sampling = None, {}
     if text is not None:
         params = parse_yaml(text, str(config or path))

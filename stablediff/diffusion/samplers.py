@@ -12,6 +12,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from stablediff.names import SAMPLER_LABELS
+
 
 def _d(x, sigma, denoised):
     """The probability-flow ODE derivative dx/dsigma (Karras et al. 2022, eq. 4 with sigma(t) = t)."""
@@ -307,18 +309,18 @@ class Sampler:
 
 
 SAMPLERS: dict[str, Sampler] = {
-    "ddim": Sampler(sample_ddim, "DDIM", eta=0.0, ends_at_sigma_min=True),
-    "plms": Sampler(sample_plms, "PLMS", ends_at_sigma_min=True),
-    "ddpm": Sampler(sample_ddim, "DDPM", eta=1.0),
-    "lms": Sampler(sample_lms, "LMS"),
-    "euler": Sampler(sample_euler, "Euler"),
-    "euler_a": Sampler(sample_euler_ancestral, "Euler a", eta=1.0),
-    "heun": Sampler(sample_heun, "Heun"),
-    "dpm2": Sampler(sample_dpm_2, "DPM2"),
-    "dpm2_a": Sampler(sample_dpm_2_ancestral, "DPM2 a", eta=1.0),
-    "dpmpp_2m": Sampler(sample_dpmpp_2m, "DPM++ 2M"),
-    "dpmpp_2s_a": Sampler(sample_dpmpp_2s_ancestral, "DPM++ 2S a", eta=1.0),
-    "dpmpp_sde": Sampler(sample_dpmpp_sde, "DPM++ SDE", eta=1.0),
-    "dpmpp_2m_sde": Sampler(sample_dpmpp_2m_sde, "DPM++ 2M SDE", eta=1.0),
-    "unipc": Sampler(sample_unipc, "UniPC"),
+    "ddim": Sampler(sample_ddim, SAMPLER_LABELS["ddim"], eta=0.0, ends_at_sigma_min=True),
+    "plms": Sampler(sample_plms, SAMPLER_LABELS["plms"], ends_at_sigma_min=True),
+    "ddpm": Sampler(sample_ddim, SAMPLER_LABELS["ddpm"], eta=1.0),
+    "lms": Sampler(sample_lms, SAMPLER_LABELS["lms"]),
+    "euler": Sampler(sample_euler, SAMPLER_LABELS["euler"]),
+    "euler_a": Sampler(sample_euler_ancestral, SAMPLER_LABELS["euler_a"], eta=1.0),
+    "heun": Sampler(sample_heun, SAMPLER_LABELS["heun"]),
+    "dpm2": Sampler(sample_dpm_2, SAMPLER_LABELS["dpm2"]),
+    "dpm2_a": Sampler(sample_dpm_2_ancestral, SAMPLER_LABELS["dpm2_a"], eta=1.0),
+    "dpmpp_2m": Sampler(sample_dpmpp_2m, SAMPLER_LABELS["dpmpp_2m"]),
+    "dpmpp_2s_a": Sampler(sample_dpmpp_2s_ancestral, SAMPLER_LABELS["dpmpp_2s_a"], eta=1.0),
+    "dpmpp_sde": Sampler(sample_dpmpp_sde, SAMPLER_LABELS["dpmpp_sde"], eta=1.0),
+    "dpmpp_2m_sde": Sampler(sample_dpmpp_2m_sde, SAMPLER_LABELS["dpmpp_2m_sde"], eta=1.0),
+    "unipc": Sampler(sample_unipc, SAMPLER_LABELS["unipc"]),
 }

@@ -38,7 +38,7 @@ class TrainSchedule:
         return ((1 - ac) / ac).sqrt()
 
 
-SCHEDULES = ("default", "karras", "exponential", "trailing", "leading", "linspace")
+from stablediff.names import SCHEDULES  # noqa: F401  (re-exported: the names live where torch is not needed)
 
 
 def discrete_timesteps(steps: int, spacing: str, n_train: int = 1000, offset: int = 0) -> np.ndarray:
@@ -58,6 +58,26 @@ def sigmas_at(timesteps: np.ndarray, model_sigmas: torch.Tensor) -> torch.Tensor
     return torch.from_numpy(np.interp(timesteps, np.arange(len(s)), s))
 
 
+def log_sigmas_at(timesteps: np.ndarray, model_sigmas: torch.Tensor) -> torch.Tensor:
+    """Model sigmas interpolated in log sigma at fractional timesteps, as k-diffusion's t_to_sigma."""
+    s = model_sigmas.log().numpy()
+    return torch.from_numpy(np.interp(timesteps, np.arange(len(s)), s)).exp()
+
+
+def webui_timesteps(steps: int, schedule: str, n_train: int = 1000) -> np.ndarray:
+    """Descending timesteps of AUTOMATIC1111's uniform, sgm_uniform, simple and ddim schedulers (sd_schedulers.py);
+    ddim steps every n_train // steps from 1 and so can give more than `steps` of them."""
+    if schedule == "uniform":
+        return np.linspace(n_train - 1, 0, steps)
+    if schedule == "sgm_uniform":
+        return np.linspace(n_train - 1, 0, steps + 1)[:-1]
+    if schedule == "simple":
+        return np.array([n_train - 1 - int(x * (n_train / steps)) for x in range(steps)], dtype=np.float64)
+    if schedule == "ddim":
+        return np.arange(1, n_train, max(n_train // steps, 1), dtype=np.float64)[::-1].copy()
+    raise ValueError(f"unknown webui schedule {schedule!r}")
+
+
 def karras(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. (2022) eq. 5, without the final zero."""
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
@@ -71,7 +91,7 @@ def exponential(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
 
 
 def inference_sigmas(sched: TrainSchedule, steps: int, schedule: str = "default") -> torch.Tensor:
-    """The float32 sigma sequence a sampler walks, ending in 0 (steps + 1 values)."""
+    """The float32 sigma sequence a sampler walks, ending in 0 (steps + 1 values; ddim's can be longer)."""
     if steps < 1:
         raise ValueError("steps must be at least 1")
     model_sigmas = sched.sigmas()
@@ -80,6 +100,10 @@ def inference_sigmas(sched: TrainSchedule, steps: int, schedule: str = "default"
         sigmas = karras(steps, model_sigmas[0].item(), model_sigmas[-1].item())
     elif schedule == "exponential":
         sigmas = exponential(steps, model_sigmas[0].item(), model_sigmas[-1].item())
+    elif schedule in ("uniform", "sgm_uniform"):
+        sigmas = log_sigmas_at(webui_timesteps(steps, schedule, n), model_sigmas)
+    elif schedule in ("simple", "ddim"):
+        sigmas = sigmas_at(webui_timesteps(steps, schedule, n), model_sigmas)
     else:
         spacing = sched.spacing if schedule == "default" else schedule
         offset = sched.steps_offset if spacing == "leading" else 0

@@ -1,5 +1,4 @@
 """The steps every pipeline shares, written once: text encoding, sigmas, noise, sampling, decoding."""
-import random
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -8,42 +7,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from stablediff import checks
 from stablediff.adapters.lora import take_tags
 from stablediff.devices import give_back_freed_memory
 from stablediff.diffusion.denoiser import Denoiser
 from stablediff.diffusion.guidance import CFGDenoiser, PromptSchedule
 from stablediff.diffusion.samplers import SAMPLERS, Sampler
-from stablediff.diffusion.schedules import SCHEDULES, inference_sigmas
+from stablediff.diffusion.schedules import inference_sigmas
 from stablediff.errors import UserError
+from stablediff.names import A1111_SCHEDULES, SCHEDULE_LABELS, parse_sampler
 from stablediff.pipelines.conditioning import TextConditioning, encode_conditioning
-from stablediff.pipelines.infotext import Params, quoted_hashes
-
-# AUTOMATIC1111 labels, lower-cased, for `--sampler "DPM++ 2M Karras"` and friends
-_A1111 = {s.label.lower(): name for name, s in SAMPLERS.items()}
-_A1111.update({"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_heun": "heun", "k_dpm_2": "dpm2",
-               "k_dpm_2_a": "dpm2_a", "dpm++ 2m sde": "dpmpp_2m_sde", "uni_pc": "unipc"})
-
-
-def _check_schedule(schedule: str) -> str:
-    if schedule not in SCHEDULES:
-        raise UserError(f"unknown schedule {schedule!r}; choose from: {', '.join(SCHEDULES)}")
-    return schedule
-
-
-def parse_sampler(name: str | None, schedule: str | None = None) -> tuple[str | None, str | None]:
-    """(sampler key, schedule) from our names or A1111's ("DPM++ 2M Karras" -> dpmpp_2m, karras). name None (the
-    model's own sampler, known once it is loaded): only a given schedule is checked, and both stay to resolve."""
-    if name is None:
-        return None, schedule and _check_schedule(schedule)
-    key = name.strip().lower()
-    for suffix in ("karras", "exponential"):
-        if key.endswith(" " + suffix):
-            key, schedule = key[: -len(suffix) - 1].strip(), schedule or suffix
-    key = _A1111.get(key, key.replace("-", "_").replace(" ", "_").replace("+", "p"))
-    if key not in SAMPLERS:
-        raise UserError(f"unknown sampler {name!r}; choose from: {', '.join(SAMPLERS)} "
-                        "(AUTOMATIC1111 names such as \"DPM++ 2M Karras\" work too)")
-    return key, _check_schedule(schedule or "default")
+from stablediff.pipelines.infotext import Params, named_hashes
 
 
 def sampler_sigmas(denoiser: Denoiser, sched, sampler: Sampler, steps: int, schedule: str) -> torch.Tensor:
@@ -127,10 +101,10 @@ def _adapters(model, prompts: list[str]) -> tuple[list[str], dict]:
     model.lora_merger.sync(model, (*model.loras, *taken[0][1]))
     info = {}
     if model.lora_merger.active:
-        info["Lora hashes"] = quoted_hashes((u.name, model.lora_merger.hashes[u]) for u in model.lora_merger.active)
+        info["Lora hashes"] = named_hashes((u.name, model.lora_merger.hashes[u]) for u in model.lora_merger.active)
     clean = [p for p, _ in taken]
     if model.embeddings is not None and (used := model.embeddings.hashes(model.tokenizer, clean)):
-        info["TI hashes"] = quoted_hashes(used.items())
+        info["TI hashes"] = named_hashes(used.items())
     return clean, info
 
 
@@ -142,6 +116,7 @@ def prepare(model, prompts: list[str], negatives: list[str], seeds: list[int], *
     prompt_steps: (steps, first pass steps) to schedule prompt edits over, when not the sampler's own steps
     (a hires fix's second pass)."""
     check_size(width, height)
+    checks.check_pixels(width, height, model.max_pixels, "--max-pixels (max_pixels in Python)")
     usable = model.text_encoder.config.layers - model.text_encoder.config.skip_layers
     if not 1 <= clip_skip <= usable:
         raise UserError(f"clip skip {clip_skip} is not possible: 1 is the last layer, and this text encoder has "
@@ -159,7 +134,7 @@ def prepare(model, prompts: list[str], negatives: list[str], seeds: list[int], *
     noise = noise_source(generators(seeds), (4, height // f, width // f), model.device)
     variation = None
     if subseed_strength > 0:
-        variation = (random.randrange(2**32) if subseed is None else subseed, subseed_strength)
+        variation = (checks.seeds(subseed, len(seeds), "variation seed")[0], subseed_strength)
         info.update({"Variation seed": variation[0], "Variation seed strength": f"{subseed_strength:g}"})
     interval = model.sampling.get("guidance_interval")
     if interval is not None:
@@ -183,28 +158,32 @@ def sample(model, job: Job, x: torch.Tensor, sigmas: torch.Tensor | None = None,
     return x / (1 + sigmas[-1] ** 2) ** 0.5  # x0 + sigma * eps -> sqrt(alpha_bar) * (...); identity at sigma 0
 
 
-def annotate(model, job: Job, images: list[Image.Image], extra: dict | None = None) -> list[Image.Image]:
-    """Attach each image's generation parameters (AUTOMATIC1111 infotext)."""
+def schedule_label(sched, schedule: str, step_counts) -> str:
+    """The "Schedule type" to write: the webui's own name for the schedule, else the first of its schedules that gives
+    exactly the same sigmas at every step count the job used (SD's leading spacing is its DDIM at 20 steps), else
+    ours ("Leading"), which stablediff reads back but the webui does not know."""
+    if schedule in A1111_SCHEDULES:
+        return SCHEDULE_LABELS[schedule]
+    for webui in ("ddim", "simple", "uniform", "sgm_uniform"):
+        if all(torch.equal(inference_sigmas(sched, n, schedule), inference_sigmas(sched, n, webui)) for n in step_counts):
+            return SCHEDULE_LABELS[webui]
+    return SCHEDULE_LABELS[sched.spacing if schedule == "default" else schedule]
+
+
+def annotate(model, job: Job, images: list[Image.Image], extra: dict | None = None,
+             also_steps: tuple[int, ...] = ()) -> list[Image.Image]:
+    """Attach each image's generation parameters (AUTOMATIC1111 infotext); also_steps: the step counts of later
+    passes over the same schedule (a hires fix's), which its name must describe too."""
     extra = {**job.info, **(extra or {})}
     if job.eta is not None and job.spec.eta is not None and job.eta != job.spec.eta:
         extra["Eta"] = f"{job.eta:g}"
     if job.clip_skip != 1:
         extra = {"Clip skip": job.clip_skip, **extra}
+    label = schedule_label(model.schedule, job.schedule, (job.steps, *also_steps))
     for image, prompt, negative, seed in zip(images, job.prompts, job.negatives, job.seeds):
-        image.info["parameters"] = Params(prompt, negative, job.steps, job.spec.label, job.schedule, job.scale, seed,
+        image.info["parameters"] = Params(prompt, negative, job.steps, job.spec.label, label, job.scale, seed,
                                           job.width, job.height, model.name, model.model_hash, extra).infotext()
     return images
-
-
-def load_image(path, mode: str = "RGB") -> Image.Image:
-    """An image file, or a one-line error saying what is wrong with it."""
-    try:
-        with Image.open(path) as image:
-            return image.convert(mode)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such image file") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not an image Pillow can read ({e})") from None
 
 
 RESIZE_MODES = ("just-resize", "crop-and-resize", "resize-and-fill")
@@ -271,7 +250,7 @@ def strength_sigmas(sigmas: torch.Tensor, steps: int, strength: float) -> torch.
     """The last int(steps * strength) steps of a schedule, as CompVis and diffusers run img2img."""
     if not 0.0 <= strength <= 1.0:
         raise UserError(f"strength {strength} is outside 0..1 (0 keeps the image, 1 repaints it entirely)")
-    return sigmas[steps - min(int(steps * strength), steps):]
+    return sigmas[-(min(int(steps * strength), steps) + 1):]
 
 
 def _vae_decode(model, z: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,4 @@
 """Text to image: encode -> sigmas -> sampler -> decode; optionally a hires fix's second pass at a larger size."""
-from dataclasses import dataclass
 from typing import Callable
 
 import torch.nn.functional as F
@@ -7,27 +6,7 @@ from PIL import Image
 
 from stablediff.errors import UserError
 from stablediff.pipelines import common
-
-UPSCALERS = {"latent": "Latent", "latent-nearest": "Latent (nearest)", "lanczos": "Lanczos"}
-
-
-@dataclass(frozen=True)
-class Hires:
-    """AUTOMATIC1111's hires fix: render at the base size, enlarge by `scale` (the latents, or the decoded image with
-    Lanczos), then re-render the last `steps` steps of a schedule int(steps / denoise) long (steps None: as many as the
-    first pass)."""
-
-    scale: float = 2.0
-    steps: int | None = None
-    denoise: float = 0.7
-    upscaler: str = "latent"
-
-    def check(self) -> None:
-        if self.upscaler not in UPSCALERS:
-            raise UserError(f"unknown hires upscaler {self.upscaler!r} (choose from {', '.join(UPSCALERS)})")
-        if not 0 < self.denoise <= 1 or self.scale < 1 or (self.steps is not None and self.steps < 1):
-            raise UserError(f"hires fix: scale must be at least 1, denoise in (0, 1] and steps at least 1 "
-                            f"(got scale {self.scale:g}, denoise {self.denoise:g}, steps {self.steps})")
+from stablediff.pipelines.hires import UPSCALERS, Hires
 
 
 def txt2img(model, prompts: list[str], negative_prompts: list[str], seeds: list[int], *, steps: int, sampler: str,
@@ -45,16 +24,16 @@ def txt2img(model, prompts: list[str], negative_prompts: list[str], seeds: list[
     latents = common.sample(model, job, x, callback=callback)
     if hires is None:
         return common.annotate(model, job, common.decode(model, latents))
-    latents = _second_pass(model, job, latents, hires, sampling, callback)
+    latents, second = _second_pass(model, job, latents, hires, sampling, callback)
     extra = {"Denoising strength": f"{hires.denoise:g}", "Hires upscale": f"{hires.scale:g}",
              **({"Hires steps": hires.steps} if hires.steps else {}), "Hires upscaler": UPSCALERS[hires.upscaler]}
-    return common.annotate(model, job, common.decode(model, latents), extra)
+    return common.annotate(model, job, common.decode(model, latents), extra, also_steps=(second.steps,))
 
 
 def _second_pass(model, first, latents, hires: Hires, sampling: dict, callback):
     """Enlarge the first pass's latents and re-render their last steps at the new size."""
     f = model.vae_scale
-    width, height = int(first.width * hires.scale) // 8 * 8, int(first.height * hires.scale) // 8 * 8
+    width, height = hires.size(first.width, first.height)
     steps = hires.steps or first.steps
     total = int(steps / min(hires.denoise, 0.999))
     if first.variation is not None:  # the same variation seed as the first pass, drawn or given
@@ -68,4 +47,4 @@ def _second_pass(model, first, latents, hires: Hires, sampling: dict, callback):
         images = [im.resize((width, height), Image.LANCZOS) for im in common.decode(model, latents)]
         x0 = common.encode_image(model, common.to_pixels(images, model.device), job.noise)
     sigmas = job.sigmas[-(steps + 1):]
-    return common.sample(model, job, x0 + job.start_noise() * sigmas[0], sigmas, callback=callback)
+    return common.sample(model, job, x0 + job.start_noise() * sigmas[0], sigmas, callback=callback), job
