@@ -35,6 +35,17 @@ def append(title: str, lines: list[str]) -> None:
     print(text)
 
 
+def prepend(title: str, lines: list[str]) -> None:
+    """Put a dated section at the top of BENCHMARKS.md (after its opening paragraph), where a reader looks first,
+    and print it."""
+    text = "\n".join([f"## {title} ({datetime.date.today()})\n", *lines]) + "\n"
+    path = ROOT / "BENCHMARKS.md"
+    head, sep, rest = path.read_text(encoding="utf-8").partition("\n## ")
+    path.write_text(f"{head.rstrip()}\n\n{text}{sep.lstrip()}{rest}" if sep else f"{head.rstrip()}\n\n{text}",
+                    encoding="utf-8")
+    print(text)
+
+
 # Forks the command from a small process and prints its peak RSS (KiB) last on stderr. A child started straight
 # from a bench script starts its peak at the script's own resident size (the kernel carries it over the exec), so
 # a script holding models would read its own size for every command it times.

@@ -8,9 +8,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from stablediff import __version__, checks
+from stablediff import __version__, checks, tasks
 from stablediff.errors import UserError
-from stablediff.files import load_image, write_atomic, write_numbered
+from stablediff.files import load_image, write_png
 
 SAMPLER_HELP = ("ddim, plms, ddpm, lms, euler, euler_a, heun, dpm2, dpm2_a, dpmpp_2m, dpmpp_2s_a, dpmpp_sde, "
                 "dpmpp_2m_sde, unipc; or an AUTOMATIC1111 name such as \"DPM++ 2M Karras\"")
@@ -217,6 +217,98 @@ def _add_eval(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
 
 
+def _add_serve(sub) -> None:
+    from stablediff.server.jobs import Limits
+
+    p = sub.add_parser("serve", help="an HTTP server: a job API under /v1 and AUTOMATIC1111's under /sdapi/v1",
+                       description="Serve the model over HTTP, with a persistent queue (SQLite), progress, previews, "
+                                   "cancel, authentication and limits. Binds 127.0.0.1 unless told otherwise.")
+    p.add_argument("--model", "--ckpt", help="the default model (default: the demo model)")
+    p.add_argument("--models-dir", help="more models jobs may choose by file name (.safetensors, .ckpt, diffusers folders)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="the port (default 7860, as AUTOMATIC1111)")
+    p.add_argument("--listen", action="store_true", help="bind every interface (0.0.0.0); needs --auth or --auth-file")
+    p.add_argument("--outdir", default="outputs/server", help="images, uploads and the queue (default outputs/server)")
+    p.add_argument("--state", help="the queue's SQLite file (default OUTDIR/queue.sqlite3)")
+    p.add_argument("--auth", action="append", default=[], metavar="USER:PASS",
+                   help="a user for both APIs (HTTP Basic); repeatable; the password may hold ':'")
+    p.add_argument("--auth-file", help="users, one USER:HASH[:admin] a line (hashes from --hash-password)")
+    p.add_argument("--admin", action="append", default=[], metavar="USER", help="a user who sees every user's jobs")
+    p.add_argument("--hash-password", action="store_true", help="read a password on stdin, print its hash for --auth-file")
+    p.add_argument("--cors-allow-origins", nargs="*", default=[], metavar="ORIGIN",
+                   help="other origins whose pages may call this server (default: none)")
+    p.add_argument("--lora-dir", help="the LoRA files <lora:name:weight> may name")
+    p.add_argument("--embeddings-dir", help="the textual inversion files prompts may name")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", default="autocast", choices=("autocast", "full", "fp32", "fp16", "bf16"))
+    limits = Limits()
+    for flag, name, help_text in (("--max-queue", "max_queued", "jobs waiting in all"),
+                                  ("--max-queue-per-user", "max_queued_per_user", "jobs waiting per user"),
+                                  ("--max-pixels", "max_pixels", "pixels of an image"),
+                                  ("--max-steps", "max_steps", "sampling steps of a job"),
+                                  ("--max-images", "max_images", "images of a job (batch_size x n_iter)"),
+                                  ("--max-batch", "max_batch", "images rendered together (jobs batched up to it)"),
+                                  ("--max-prompt", "max_prompt", "characters of a prompt"),
+                                  ("--max-upload", "max_upload", "bytes of a request")):
+        p.add_argument(flag, type=int, default=getattr(limits, name), dest=name,
+                       help=f"the most {help_text} (default {getattr(limits, name)})")
+
+
+def serve(args) -> None:
+    import getpass
+
+    if args.hash_password:
+        from stablediff.server.auth import hash_password
+
+        password = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else getpass.getpass("password: ")
+        print(hash_password(password))
+        return
+    try:
+        import uvicorn
+
+        from stablediff.server.app import create_app
+    except ImportError as e:
+        raise UserError(f"the server needs the {e.name} package, one of stablediff's requirements: pip install "
+                        "stablediff again") from None
+    config, host = _server_config(args)
+    print(f"stablediff: serving {config.model.name} on http://{host}:{args.port} (API docs at /docs)", file=sys.stderr)
+    uvicorn.run(create_app(config), host=host, port=args.port, log_level="warning")
+
+
+def _server_config(args):
+    """The server's configuration from its flags, checked: no other address than loopback without users."""
+    import ipaddress
+
+    from stablediff.api import DEMO_MODEL
+    from stablediff.server.app import ServerConfig
+    from stablediff.server.auth import Users
+    from stablediff.server.jobs import Limits
+
+    users = Users.from_options(args.auth, args.auth_file, args.admin)
+    host = "0.0.0.0" if args.listen else args.host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not users.enabled:
+        raise UserError(f"refusing to serve {host} without authentication: add --auth USER:PASS or --auth-file F")
+    model = Path(args.model) if args.model else DEMO_MODEL
+    if not model.exists():
+        raise UserError(f"model {model} not found: pass --model with a .safetensors/.ckpt file or a diffusers folder")
+    try:
+        Path(args.outdir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--outdir {args.outdir}: cannot be made ({e.strerror or e})") from None
+
+    def folder(value):
+        return Path(value) if value else None
+    limits = Limits(**{name: getattr(args, name) for name in vars(Limits())})
+    return ServerConfig(model=model, outdir=Path(args.outdir), state=folder(args.state), models_dir=folder(args.models_dir),
+                        lora_dir=folder(args.lora_dir), embeddings_dir=folder(args.embeddings_dir), device=args.device,
+                        dtype=args.precision, users=users, cors_origins=tuple(args.cors_allow_origins),
+                        limits=limits), host
+
+
 def _guidance_interval_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-interval", nargs=2, type=sigma, metavar=("LOW", "HIGH"), default=None,
                    help="guide only at sigmas from LOW to HIGH, elsewhere the prompt alone (default: the model's "
@@ -243,6 +335,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     _add_info(sub)
     _add_train(sub)
     _add_eval(sub)
+    _add_serve(sub)
     args = parser.parse_args(argv)
     if getattr(args, "from_png", None):  # the PNG's settings become defaults, so flags given still win
         sub.choices[args.command].set_defaults(**png_defaults(args.from_png, args.command))
@@ -310,22 +403,6 @@ def read_prompts(args) -> list[str]:
     return [p for p, _ in cleaned[:-1]]
 
 
-def save_png(image, path: Path | None, parameters: str | None, folder: Path | None = None, name: str = "") -> Path:
-    """Write atomically to `path`, or to the next free number of `name` in `folder` (never overwriting)."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    if parameters:
-        info.add_text("parameters", parameters)  # Pillow writes iTXt where the text is not Latin-1
-
-    def write(tmp):
-        image.save(tmp, format="PNG", pnginfo=info)
-    if path is None:
-        return write_numbered(folder, name, write)
-    write_atomic(path, write)
-    return path
-
-
 def make_grid(images, per_row: int, pad: int = 2):
     from PIL import Image
 
@@ -337,20 +414,24 @@ def make_grid(images, per_row: int, pad: int = 2):
     return grid
 
 
-# flag: (dest, lowest, highest or None) of every bounded number the image commands take
-_BOUNDS = {"--steps": ("steps", 1, None), "--n_samples": ("n_samples", 1, None), "--n_iter": ("n_iter", 1, None),
-           "--n_rows": ("n_rows", 0, None), "--clip-skip": ("clip_skip", 1, None), "--max-pixels": ("max_pixels", 1, None),
-           "--ddim_eta": ("ddim_eta", 0, None), "--subseed-strength": ("subseed_strength", 0, 1),
-           "--strength": ("strength", 0, 1), "--mask-blur": ("mask_blur", 0, None), "--padding": ("padding", 0, None),
-           "--noise-level": ("noise_level", 0, 350), "--tile": ("tile", 8, None), "--tile-overlap": ("tile_overlap", 0, None)}
+# flag: the task parameter (tasks.py) whose bounds it has; the dest is the same name unless CompVis' differs
+_BOUNDED = {"--steps": "steps", "--n_samples": "batch_size", "--n_iter": "n_iter", "--clip-skip": "clip_skip",
+            "--ddim_eta": "eta", "--subseed-strength": "subseed_strength", "--strength": "strength",
+            "--mask-blur": "mask_blur", "--padding": "padding", "--noise-level": "noise_level", "--tile": "tile",
+            "--tile-overlap": "overlap", "--hires-steps": "hires_steps"}
+DESTS = {"batch_size": "n_samples", "eta": "ddim_eta", "overlap": "tile_overlap"}  # task parameter -> flag's dest
 
 
 def _check_numbers(args) -> None:
-    """Every number the image commands take, in range, before anything is loaded."""
-    for flag, (dest, low, high) in _BOUNDS.items():
+    """Every number the image commands take, within its task parameter's bounds, before anything is loaded."""
+    table = tasks.params(args.command)
+    bounds = {flag: (DESTS.get(name, name), table[name].low, table[name].high)
+              for flag, name in _BOUNDED.items() if name in table}
+    bounds.update({"--n_rows": ("n_rows", 0, None), "--max-pixels": ("max_pixels", 1, None)})
+    for flag, (dest, low, high) in bounds.items():
         value = getattr(args, dest, None)
         if value is not None and (value < low or (high is not None and value > high)):
-            within = f"at least {low}" if high is None else f"from {low} to {high}"
+            within = f"at least {low:g}" if high is None else f"from {low:g} to {high:g}"
             raise UserError(f"{flag} must be {within} (got {value:g})")
     for name in ("H", "W"):
         value = getattr(args, name)
@@ -411,9 +492,8 @@ def _hires(args):
 
 def _progress_steps(args) -> int:
     """Sampler steps per batch, for the progress bar."""
-    if hasattr(args, "strength"):
-        return int(args.steps * args.strength)
-    return args.steps + ((args.hires_steps or args.steps) if getattr(args, "hires_scale", None) else 0)
+    return tasks.sampling_steps(args.command, {name: getattr(args, name, None)
+                                               for name in ("steps", "strength", "hires_scale", "hires_steps")})
 
 
 def _extend(args) -> tuple[int, int, int, int]:
@@ -510,7 +590,7 @@ def generate(args) -> None:
     made = _render_all(model, args, images, prompts, seed, samples_dir)
     grid = None
     if not args.skip_grid:
-        grid = save_png(make_grid(made, args.n_rows or args.n_samples), None, made[0].info.get("parameters"),
+        grid = write_png(make_grid(made, args.n_rows or args.n_samples), None, made[0].info.get("parameters"),
                         samples_dir.parent, "grid-{:04d}.png")
     print(f"wrote {0 if args.skip_save else len(made)} image(s) to {samples_dir}" +
           ("" if grid is None else f" and a grid to {grid}"), file=sys.stderr)
@@ -545,7 +625,7 @@ def _render_all(model, args, images: dict, prompts: list[str], seed: int, sample
             batch = _render(model, args, images, batch_prompts, seeds, lambda *_: bar.update(1))
         for image in batch:
             if not args.skip_save:
-                save_png(image, None, image.info.get("parameters"), samples_dir, "{:05d}.png")
+                write_png(image, None, image.info.get("parameters"), samples_dir, "{:05d}.png")
         made += batch
     return made
 
@@ -606,7 +686,7 @@ def eval_demo(args) -> None:
         outdir.mkdir(parents=True, exist_ok=True)
         for i, (image, prompt, judged) in enumerate(zip(result["images"], result["prompts"], result["judged"])):
             seen = "-".join(str(judged[a]) for a in ATTRIBUTES[:4]).replace(" ", "_")
-            save_png(image, outdir / f"{i:03d}-{seen}.png", prompt)
+            write_png(image, outdir / f"{i:03d}-{seen}.png", prompt)
     interval = model.sampling.get("guidance_interval")
     within = f" at sigmas {interval[0]:g} to {interval[1]:g}" if interval else ""
     print(f"{args.n} held-out prompts, {args.sampler}, {args.steps} steps, guidance {args.scale}{within}:")
@@ -643,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        commands = {"convert": convert, "info": info, "train": train, "eval-demo": eval_demo}
+        commands = {"convert": convert, "info": info, "train": train, "eval-demo": eval_demo, "serve": serve}
         commands.get(args.command, generate)(args)
         sys.stdout.flush()
     except UserError as e:

@@ -90,3 +90,20 @@ def load_image(path, mode: str = "RGB"):
         raise UserError(f"{path}: refused: {e}") from None
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not an image Pillow can read ({e})") from None
+
+
+def write_png(image, path: Path | None, parameters: str | None, folder: Path | None = None, name: str = "") -> Path:
+    """A PNG with its generation parameters, written whole: to `path` (replacing it), or at the next free number of
+    `name` in `folder` (never overwriting). Pillow writes the text as iTXt where it is not Latin-1."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)
+
+    def write(tmp):
+        image.save(tmp, format="PNG", pnginfo=info)
+    if path is None:
+        return write_numbered(folder, name, write)
+    write_atomic(path, write)
+    return path

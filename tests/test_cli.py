@@ -87,7 +87,7 @@ def test_random_seed_is_printed_and_saved(tmp_path, tiny_model_dir, capsys):
 @pytest.mark.parametrize("args,message", [
     (["x", "--H", "63"], "--H 63: width and height must be positive multiples of 8"),
     (["x", "--sampler", "foo"], "unknown sampler 'foo'; choose from: ddim, plms"),
-    (["--n_samples", "0", "x"], "--n_samples must be at least 1"),
+    (["--n_samples", "0", "x"], "--n_samples must be from 1 to 64"),
     ([], "no prompt"),
     (["x", "--schedule", "cosine"], "unknown schedule 'cosine'"),
     (["x", "--f", "4"], "--f 4: this model's VAE downsamples by 8"),

@@ -171,6 +171,8 @@ def find(folder: Path | None, name: str) -> Path:
     """The LoRA file named `name` in a folder or its subfolders."""
     if folder is None:
         raise UserError(f"the prompt names <lora:{name}>: pass --lora-dir with the folder of your LoRA files")
+    if not name or name in (".", "..") or any(c in name for c in "/\\*?[]"):
+        raise UserError(f"<lora:{name}>: a LoRA is named by its file name alone (no folders, no wildcards)")
     for suffix in SUFFIXES:
         hits = sorted(Path(folder).rglob(name + suffix))
         if hits:

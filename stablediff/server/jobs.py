@@ -1,0 +1,283 @@
+"""What both APIs do with jobs, once: accept (check, store the inputs, queue), describe, cancel, wait. Routes only
+translate HTTP to these and back; nothing here touches torch."""
+import asyncio
+import base64
+import binascii
+import hashlib
+import io
+import json
+import random
+import re
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stablediff import checks, tasks
+from stablediff.errors import UserError
+from stablediff.files import write_atomic
+from stablediff.server.auth import User
+from stablediff.server.store import FINAL, Job, Store
+
+_LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]*)")
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+
+
+class TooLarge(UserError):
+    """A request or one of its images is larger than the server takes (413)."""
+
+
+class NotFound(UserError):
+    """No such job or image of this user's (404): another user's is not found either."""
+
+
+@dataclass
+class Limits:
+    max_queued: int = 100
+    max_queued_per_user: int = 20
+    max_pixels: int = checks.MAX_PIXELS
+    max_steps: int = 150
+    max_images: int = 16  # per job: batch_size x n_iter
+    max_prompt: int = 5000  # characters
+    max_upload: int = 20 * 2**20  # bytes of one request
+    max_batch: int = 4  # images rendered together, from one job or several
+
+
+class Changes:
+    """Wakes what waits on a job (a blocking AUTOMATIC1111 call, an event stream) when the worker reports that it
+    changed, from the worker's thread: no polling, which took the worker's CPU and GIL (20% per demo image)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.waiting: dict[str, set] = {}
+
+    def notify(self, job_ids) -> None:
+        with self.lock:
+            entries = [e for job_id in job_ids for e in self.waiting.get(job_id, ())]
+        for loop, event in entries:
+            loop.call_soon_threadsafe(event.set)
+
+    async def wait(self, job_id: str, timeout: float) -> None:
+        """Until the job changes, or `timeout` seconds (a change made elsewhere is seen then)."""
+        entry = (asyncio.get_running_loop(), asyncio.Event())
+        with self.lock:
+            self.waiting.setdefault(job_id, set()).add(entry)
+        try:
+            await asyncio.wait_for(entry[1].wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            with self.lock:
+                self.waiting[job_id].discard(entry)
+                if not self.waiting[job_id]:
+                    del self.waiting[job_id]
+
+
+@dataclass
+class Services:
+    """The server's parts, as the routes see them."""
+
+    store: Store
+    worker: object  # worker.Worker
+    outdir: Path
+    models: dict[str, Path]
+    limits: Limits
+    lora_dir: Path | None = None
+    embeddings_dir: Path | None = None
+    default_model: str = ""
+    models_dir: Path | None = None
+    settings: dict = field(default_factory=dict)  # AUTOMATIC1111's options that apply to every job (clip skip)
+    changes: Changes = field(default_factory=Changes)
+
+    def model_name(self) -> str:
+        name = self.store.setting("sd_model_checkpoint", self.default_model)
+        return name if name in self.models else self.default_model
+
+    def refresh_models(self) -> None:
+        self.models.update(find_models(self.models[self.default_model], self.models_dir))
+
+
+def find_models(model: Path, models_dir: Path | None) -> dict[str, Path]:
+    """The models a job may name: the server's own, and the checkpoints and diffusers folders of --models-dir. A
+    job names one of these keys; no name from a request is ever used as a path."""
+    found = {model.name: model}
+    if models_dir is not None and models_dir.is_dir():
+        for path in sorted(models_dir.iterdir()):
+            if path.suffix in MODEL_SUFFIXES and path.is_file() or (path / "model_index.json").is_file():
+                found.setdefault(path.name, path)
+    return found
+
+
+def decode_image(value, what: str, limits: Limits):
+    """A PIL image from base64 (raw or a data: URI) or bytes, within the pixel limit; a 4xx for anything else."""
+    from PIL import Image
+
+    if isinstance(value, str):
+        text = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+        try:
+            value = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise UserError(f"{what}: not base64 (send a PNG or JPEG as base64, a data: URI or a multipart upload)") from None
+    if not isinstance(value, (bytes, bytearray)):
+        raise UserError(f"{what}: expected an image as base64 text")
+    try:
+        image = Image.open(io.BytesIO(value))
+        if image.width * image.height > limits.max_pixels:
+            raise TooLarge(f"{what} is {image.width}x{image.height}, over the server's {limits.max_pixels:,} pixels")
+        image.load()
+    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{what}: not an image the server can read ({str(e)[:120]})") from None
+    return image
+
+
+def _store_input(svc: Services, image) -> str:
+    """Keep an uploaded image as a PNG under inputs/, named by its pixels' hash; the job refers to it by that."""
+    rgb = image.convert("RGBA" if image.mode in ("RGBA", "LA", "P") else "RGB")
+    digest = hashlib.sha256(rgb.mode.encode() + repr(rgb.size).encode() + rgb.tobytes()).hexdigest()
+    path = svc.outdir / "inputs" / f"{digest}.png"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda tmp: rgb.save(tmp, format="PNG"))
+    return digest
+
+
+def _check_loras(svc: Services, prompts: list[str]) -> list[str]:
+    """The LoRA names the prompts use, each a file of the LoRA folder (no name may reach outside it)."""
+    names = sorted({m.strip() for p in prompts for m in _LORA_TAG.findall(p)})
+    for name in names:
+        if not name or name in (".", "..") or any(c in name for c in "/\\*?[]"):
+            raise UserError(f"<lora:{name}>: a LoRA is named by its file name alone (no folders, no wildcards)")
+        if svc.lora_dir is None or not any(svc.lora_dir.rglob(name + s) for s in (".safetensors", ".pt", ".ckpt")):
+            raise UserError(f"<lora:{name}>: no such LoRA on this server (GET /v1/loras lists them)")
+    return names
+
+
+def submit(svc: Services, user: User, body: dict, uploads: dict | None = None) -> Job:
+    """Check a request and queue it: its task, model and parameters, its images stored, seeds drawn."""
+    body = dict(body)
+    task = body.pop("task", None)
+    if task not in tasks.TASKS:
+        raise UserError(f"task {task!r}: send one of {', '.join(tasks.TASKS)}")
+    model = body.pop("model", None) or svc.model_name()
+    if not isinstance(model, str) or model not in svc.models:
+        raise UserError(f"model {model!r} is not on this server; it has: {', '.join(svc.models)}")
+    table = tasks.params(task)
+    for name, p in table.items():
+        given = (uploads or {}).get(name, body.get(name))
+        if p.kind is tasks.IMAGE and given is not None:
+            body[name] = _store_input(svc, decode_image(given, name, svc.limits))
+    params = tasks.validate(task, body, svc.limits.max_pixels)
+    _check_limits(params, svc.limits)
+    loras = _check_loras(svc, [params["prompt"], params["negative_prompt"]])
+    params["seed"] = checks.seeds(params["seed"], params["batch_size"] * params["n_iter"])[0]
+    if params["subseed_strength"] and params["subseed"] in (None, -1):
+        params["subseed"] = random.randrange(2**32)
+    params["model"] = model
+    job = Job(id=uuid.uuid4().hex, owner=user.name, task=task, params=params, batch_key=batch_key(task, params, loras))
+    return svc.store.add(job, svc.limits.max_queued, svc.limits.max_queued_per_user)
+
+
+def _check_limits(p: dict, limits: Limits) -> None:
+    if p["steps"] > limits.max_steps or (p.get("hires_steps") or 0) > limits.max_steps:
+        raise UserError(f"steps {p['steps']}: this server takes at most {limits.max_steps}")
+    if p["batch_size"] * p["n_iter"] > limits.max_images:
+        raise UserError(f"batch_size x n_iter = {p['batch_size'] * p['n_iter']}: this server makes at most "
+                        f"{limits.max_images} images per job")
+    if p["batch_size"] > limits.max_batch:
+        raise UserError(f"batch_size {p['batch_size']}: this server renders at most {limits.max_batch} at once; "
+                        "use n_iter for more")
+    for name in ("prompt", "negative_prompt"):
+        if len(p[name]) > limits.max_prompt:
+            raise TooLarge(f"{name} is {len(p[name]):,} characters; this server takes at most {limits.max_prompt:,}")
+    if p.get("hires_scale") and p.get("width") and p.get("height"):
+        from stablediff.pipelines.hires import Hires
+
+        checks.check_pixels(*Hires(p["hires_scale"]).size(p["width"], p["height"]), limits.max_pixels,
+                            "the server's --max-pixels")
+
+
+def batch_key(task: str, params: dict, loras: list[str]) -> str:
+    """Jobs of equal keys can share one UNet batch: everything but the prompts, seeds and image counts is equal."""
+    shared = {k: v for k, v in params.items() if k not in ("prompt", "negative_prompt", "seed", "batch_size")}
+    if not params["subseed_strength"]:
+        shared.pop("subseed", None)
+    text = json.dumps({"task": task, "loras": loras, **shared}, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def owned(svc: Services, user: User, job_id: str) -> Job:
+    """The job, if this user may see it (its owner, or an admin); else NotFound, as if there were none."""
+    job = svc.store.get(job_id) if re.fullmatch(r"[0-9a-f]{32}", job_id or "") else None
+    if job is None or (job.owner != user.name and not user.admin):
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+def eta_seconds(job: Job) -> float | None:
+    """Seconds left: the time per step so far times the steps to go (this batch and the batches after)."""
+    p = job.progress
+    if job.state != "running" or not p.get("step") or not job.started:
+        return None
+    per_step = (p["at"] - job.started) / (p["step"] + (p["batch"] - 1) * p["steps"])
+    return round(per_step * (p["steps"] - p["step"] + (p["batches"] - p["batch"]) * p["steps"]), 2)
+
+
+def describe(svc: Services, job: Job, base: str = "/v1") -> dict:
+    """A job as GET /v1/jobs/{id} gives it."""
+    progress = {k: job.progress[k] for k in ("step", "steps", "image", "images") if k in job.progress}
+    return {"id": job.id, "task": job.task, "state": job.state, "position": svc.store.position(job),
+            "progress": progress, "eta_seconds": eta_seconds(job), "error": job.error, "model": job.params.get("model"),
+            "created": job.created, "started": job.started, "finished": job.finished,
+            "images": [{"url": f"{base}/images/{job.id}/{im['n']}.png", "seed": im["seed"], "infotext": im["infotext"]}
+                       for im in job.images],
+            "params": {k: v for k, v in job.params.items() if tasks.params(job.task).get(k, tasks.Param(k, str)).kind
+                       is not tasks.IMAGE}}
+
+
+def cancel(svc: Services, user: User, job_id: str) -> str:
+    owned(svc, user, job_id)
+    state = svc.store.request_cancel(job_id)
+    svc.changes.notify([job_id])
+    return state
+
+
+def image_path(svc: Services, user: User, job_id: str, n: int) -> Path:
+    job = owned(svc, user, job_id)
+    if not any(im["n"] == n for im in job.images):
+        raise NotFound(f"job {job_id} has no image {n}")
+    return svc.outdir / "images" / job.id / f"{n}.png"
+
+
+async def wait(svc: Services, job_id: str) -> Job:
+    """The job once it has ended (done, failed or cancelled)."""
+    while True:
+        job = svc.store.get(job_id)
+        if job.state in FINAL:
+            return job
+        await svc.changes.wait(job_id, 1.0)
+
+
+def running_of(svc: Services, user: User) -> Job | None:
+    """The user's job that is running now (an admin: any), for AUTOMATIC1111's /progress and /interrupt."""
+    for job in svc.store.jobs_of(None if user.admin else user.name, 50, 0):
+        if job.state == "running":
+            return job
+    return None
+
+
+def preview(svc: Services, job: Job) -> bytes | None:
+    live = svc.worker.live.get(job.id)
+    return live.preview if live is not None else None
+
+
+def lora_names(svc: Services) -> list[dict]:
+    if svc.lora_dir is None:
+        return []
+    return [{"name": p.stem, "path": str(p.relative_to(svc.lora_dir))} for p in sorted(svc.lora_dir.rglob("*"))
+            if p.suffix in (".safetensors", ".pt", ".ckpt") and p.is_file()]
+
+
+def embedding_names(svc: Services) -> list[str]:
+    if svc.embeddings_dir is None:
+        return []
+    return sorted(p.stem for p in svc.embeddings_dir.rglob("*") if p.suffix in (".pt", ".safetensors", ".bin"))

@@ -1,0 +1,67 @@
+"""A real `stablediff serve` under uvicorn on a free loopback port, for the tests to speak HTTP to; always stopped."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`stablediff serve ARGS` in a process of its own (so a test can kill -9 it), on 127.0.0.1."""
+
+    def __init__(self, outdir: Path, *args, port: int | None = None):
+        self.outdir, self.args, self.port = outdir, [str(a) for a in args], port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, timeout: float = 120) -> "Server":
+        self.log = open(self.outdir.parent / f"{self.outdir.name}-server-{self.port}.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "stablediff.cli", "serve", "--outdir", str(self.outdir),
+                                      "--port", str(self.port), *self.args], stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}: {self.output()}")
+            try:
+                httpx.get(self.url + "/v1/me", timeout=2)
+                return self
+            except httpx.TransportError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"the server did not answer within {timeout} s: {self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return (self.outdir.parent / f"{self.outdir.name}-server-{self.port}.log").read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        """kill -9: no shutdown of any kind."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
