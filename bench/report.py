@@ -41,7 +41,7 @@ def prepend(title: str, lines: list[str]) -> None:
     text = "\n".join([f"## {title} ({datetime.date.today()})\n", *lines]) + "\n"
     path = ROOT / "BENCHMARKS.md"
     head, sep, rest = path.read_text(encoding="utf-8").partition("\n## ")
-    path.write_text(f"{head.rstrip()}\n\n{text}{sep.lstrip()}{rest}" if sep else f"{head.rstrip()}\n\n{text}",
+    path.write_text(f"{head.rstrip()}\n\n{text}\n{sep.lstrip()}{rest}" if sep else f"{head.rstrip()}\n\n{text}",
                     encoding="utf-8")
     print(text)
 

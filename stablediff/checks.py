@@ -33,6 +33,13 @@ def check_pixels(width: int, height: int, limit: int = MAX_PIXELS, flag: str = "
                         f"raise it with {flag} if this machine has the memory")
 
 
+def check_name(name: str, what: str) -> str:
+    """A file's name from a user (a LoRA's in <lora:name>): a name alone, so it cannot reach outside its folder."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\*?[]"):
+        raise UserError(f"{what}: a file is named by its name alone (no folders, no wildcards)")
+    return name
+
+
 def _unwanted(c: str) -> bool:
     """Control characters (NUL, escape, ...) and other unprintables; line breaks and tabs are text."""
     return c not in "\n\t" and unicodedata.category(c) in ("Cc", "Cs")

@@ -68,6 +68,16 @@ def keep_freed_memory(device: torch.device, on: bool = True) -> bool:
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
+def one_heap(device: torch.device) -> bool:
+    """On the CPU with glibc, keep the threads started after this on the main heap (M_ARENA_MAX 1), where
+    keep_freed_memory's thresholds keep large blocks. glibc gives a second thread heaps of its own of at most 64 MB,
+    so a thread rendering (the server's worker) mapped each large tensor anew: SD 1.5 at 512x512 took 17.6 s an image
+    in a thread against 13.7-14.4 s in the main thread; with one heap, 15.0 s against 14.5-15.5 s (BENCHMARKS.md).
+    True when it was set."""
+    libc = _glibc()
+    return device.type == "cpu" and libc is not None and bool(libc.mallopt(_M_ARENA_MAX, 1))
+
+
 def give_back_freed_memory(device: torch.device) -> None:
     """On the CPU with glibc, hand the freed memory that keep_freed_memory keeps back to the kernel (malloc_trim).
     Before a VAE decode after the UNet's steps: otherwise the decode's large blocks are carved out of the holes the
@@ -78,7 +88,7 @@ def give_back_freed_memory(device: torch.device) -> None:
         libc.malloc_trim(0)
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers in <malloc.h>
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt's parameter numbers in <malloc.h>
 
 
 @functools.cache

@@ -2,7 +2,6 @@
 model, SIGTERM, broken pipes, prompts no PNG may hold, and batches against single images."""
 import collections
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -1,5 +1,4 @@
 """Infotext written as AUTOMATIC1111 writes it and read back as it reads it: render, read, render is the same image."""
-import shutil
 
 import numpy as np
 import pytest

@@ -126,3 +126,31 @@ def test_freed_tensor_memory_is_reused_without_page_faults():
     assert (on_set, off_set) == ("True", "True")
     assert int(on) < 1000 < 12000 < min(int(off), int(default))
     assert not devices.keep_freed_memory(torch.device("cuda"))
+
+
+_THREAD_FAULTS = """
+import resource, sys, threading, torch
+from stablediff.devices import keep_freed_memory, one_heap
+cpu = torch.device("cpu")
+keep_freed_memory(cpu)
+set_ = one_heap(cpu) if sys.argv[1] == "one" else False
+
+def render():
+    torch.ones(1 << 25, dtype=torch.bfloat16)  # 64 MB, made and freed in the thread
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(3 << 23, dtype=torch.bfloat16)  # 48 MB
+    print(set_, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+thread = threading.Thread(target=render)
+thread.start()
+thread.join()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_one_heap_lets_a_thread_reuse_freed_memory():
+    """The server renders in a thread: with one heap, its 48 MB tensor takes the 64 MB it freed; on a thread's own
+    heaps (64 MB at most) glibc maps and faults in its 12,288 pages anew."""
+    runs = {flag: subprocess.run([sys.executable, "-c", _THREAD_FAULTS, flag], capture_output=True, text=True,
+                                 check=True).stdout.split() for flag in ("one", "own")}
+    assert runs["one"][0] == "True" and int(runs["one"][1]) < 1000 < 12000 < int(runs["own"][1])
+    assert not devices.one_heap(torch.device("cuda"))

@@ -386,3 +386,23 @@ def test_sigterm_puts_the_running_job_back_and_it_runs_after_a_restart(tmp_path)
     with Server(out, port=server.port) as again, httpx.Client(base_url=again.url, timeout=60) as http:
         job = wait_state(http, f"/v1/jobs/{job_id}")
     assert job["state"] == "done" and len(job["images"]) == 1
+
+
+def test_multipart_uploads_and_png_info(open_server, tmp_path):
+    init = Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    init.save(buffer, format="PNG")
+    init.save(tmp_path / "init.png")
+    request = {"task": "img2img", "prompt": PROMPT, "seed": 6, "steps": 6, "strength": 0.6}
+    with httpx.Client(base_url=open_server.url, timeout=60) as http:
+        r = http.post("/v1/jobs", data={"request": __import__("json").dumps(request)},
+                      files={"image": ("init.png", buffer.getvalue(), "image/png")})
+        assert r.status_code == 202, r.text
+        job = wait_state(http, f"/v1/jobs/{r.json()['id']}")
+        png = http.get(job["images"][0]["url"]).content
+        info = http.post("/v1/png-info", json={"image": base64.b64encode(png).decode()}).json()
+    expected = cli_image(tmp_path, "img2img", PROMPT, "--init-img", str(tmp_path / "init.png"), "--seed", "6",
+                         "--steps", "6", "--strength", "0.6")
+    assert np.array_equal(pixels(Image.open(io.BytesIO(png))), pixels(expected))
+    assert info["parameters"] == expected.info["parameters"]
+    assert (info["settings"]["seed"], info["settings"]["steps"], info["settings"]["denoising_strength"]) == (6, 6, 0.6)

@@ -13,6 +13,7 @@ from torch import nn
 from stablediff.checkpoints.hashing import sha256
 from stablediff.checkpoints.io import read_state_dict
 from stablediff.checkpoints.keymaps import invert, rename, unet_prefixes
+from stablediff.checks import check_name
 from stablediff.errors import UserError
 
 SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
@@ -171,8 +172,7 @@ def find(folder: Path | None, name: str) -> Path:
     """The LoRA file named `name` in a folder or its subfolders."""
     if folder is None:
         raise UserError(f"the prompt names <lora:{name}>: pass --lora-dir with the folder of your LoRA files")
-    if not name or name in (".", "..") or any(c in name for c in "/\\*?[]"):
-        raise UserError(f"<lora:{name}>: a LoRA is named by its file name alone (no folders, no wildcards)")
+    check_name(name, f"<lora:{name}>")
     for suffix in SUFFIXES:
         hits = sorted(Path(folder).rglob(name + suffix))
         if hits:

@@ -38,9 +38,6 @@ class TrainSchedule:
         return ((1 - ac) / ac).sqrt()
 
 
-from stablediff.names import SCHEDULES  # noqa: F401  (re-exported: the names live where torch is not needed)
-
-
 def discrete_timesteps(steps: int, spacing: str, n_train: int = 1000, offset: int = 0) -> np.ndarray:
     """Descending training timesteps for `steps` inference steps, spaced as in Table 2 of arXiv:2305.08891."""
     if spacing == "leading":

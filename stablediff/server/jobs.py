@@ -130,23 +130,26 @@ def decode_image(value, what: str, limits: Limits):
     return image
 
 
-def _store_input(svc: Services, image) -> str:
-    """Keep an uploaded image as a PNG under inputs/, named by its pixels' hash; the job refers to it by that."""
+def _input(image) -> tuple[str, object]:
+    """An uploaded image as the job refers to it: (the hash of its pixels, the image to keep under that name)."""
     rgb = image.convert("RGBA" if image.mode in ("RGBA", "LA", "P") else "RGB")
-    digest = hashlib.sha256(rgb.mode.encode() + repr(rgb.size).encode() + rgb.tobytes()).hexdigest()
-    path = svc.outdir / "inputs" / f"{digest}.png"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda tmp: rgb.save(tmp, format="PNG"))
-    return digest
+    return hashlib.sha256(rgb.mode.encode() + repr(rgb.size).encode() + rgb.tobytes()).hexdigest(), rgb
+
+
+def _keep_inputs(svc: Services, inputs: dict) -> None:
+    """The images of an accepted job as PNGs under inputs/ (written whole; an identical one is kept once)."""
+    for digest, image in inputs.items():
+        path = svc.outdir / "inputs" / f"{digest}.png"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
 
 
 def _check_loras(svc: Services, prompts: list[str]) -> list[str]:
     """The LoRA names the prompts use, each a file of the LoRA folder (no name may reach outside it)."""
     names = sorted({m.strip() for p in prompts for m in _LORA_TAG.findall(p)})
     for name in names:
-        if not name or name in (".", "..") or any(c in name for c in "/\\*?[]"):
-            raise UserError(f"<lora:{name}>: a LoRA is named by its file name alone (no folders, no wildcards)")
+        checks.check_name(name, f"<lora:{name}>")
         if svc.lora_dir is None or not any(svc.lora_dir.rglob(name + s) for s in (".safetensors", ".pt", ".ckpt")):
             raise UserError(f"<lora:{name}>: no such LoRA on this server (GET /v1/loras lists them)")
     return names
@@ -161,14 +164,16 @@ def submit(svc: Services, user: User, body: dict, uploads: dict | None = None) -
     model = body.pop("model", None) or svc.model_name()
     if not isinstance(model, str) or model not in svc.models:
         raise UserError(f"model {model!r} is not on this server; it has: {', '.join(svc.models)}")
-    table = tasks.params(task)
-    for name, p in table.items():
+    inputs = {}
+    for name, p in tasks.params(task).items():
         given = (uploads or {}).get(name, body.get(name))
         if p.kind is tasks.IMAGE and given is not None:
-            body[name] = _store_input(svc, decode_image(given, name, svc.limits))
+            body[name], image = _input(decode_image(given, name, svc.limits))
+            inputs[body[name]] = image
     params = tasks.validate(task, body, svc.limits.max_pixels)
     _check_limits(params, svc.limits)
     loras = _check_loras(svc, [params["prompt"], params["negative_prompt"]])
+    _keep_inputs(svc, inputs)  # only once every check has passed: a refused request leaves no file
     params["seed"] = checks.seeds(params["seed"], params["batch_size"] * params["n_iter"])[0]
     if params["subseed_strength"] and params["subseed"] in (None, -1):
         params["subseed"] = random.randrange(2**32)
@@ -225,13 +230,13 @@ def eta_seconds(job: Job) -> float | None:
 def describe(svc: Services, job: Job, base: str = "/v1") -> dict:
     """A job as GET /v1/jobs/{id} gives it."""
     progress = {k: job.progress[k] for k in ("step", "steps", "image", "images") if k in job.progress}
+    images = {name for name, p in tasks.params(job.task).items() if p.kind is tasks.IMAGE}  # references, not data
     return {"id": job.id, "task": job.task, "state": job.state, "position": svc.store.position(job),
             "progress": progress, "eta_seconds": eta_seconds(job), "error": job.error, "model": job.params.get("model"),
             "created": job.created, "started": job.started, "finished": job.finished,
             "images": [{"url": f"{base}/images/{job.id}/{im['n']}.png", "seed": im["seed"], "infotext": im["infotext"]}
                        for im in job.images],
-            "params": {k: v for k, v in job.params.items() if tasks.params(job.task).get(k, tasks.Param(k, str)).kind
-                       is not tasks.IMAGE}}
+            "params": {k: v for k, v in job.params.items() if k not in images}}
 
 
 def cancel(svc: Services, user: User, job_id: str) -> str:

@@ -71,7 +71,6 @@ async def _run(svc, user: User, body: dict, request_echo: dict) -> dict:
 def _info(svc, job) -> dict:
     p, infotexts = job.params, [im["infotext"] for im in job.images]
     seeds = [im["seed"] for im in job.images] or [p["seed"]]
-    prompt, negative, _ = read_infotext(infotexts[0]) if infotexts else (p["prompt"], p["negative_prompt"], {})
     model = svc.models[p["model"]]
     return {"prompt": p["prompt"], "all_prompts": [p["prompt"]] * len(seeds), "negative_prompt": p["negative_prompt"],
             "all_negative_prompts": [p["negative_prompt"]] * len(seeds), "seed": seeds[0], "all_seeds": seeds,

@@ -134,7 +134,10 @@ def get_embeddings(svc=Depends(services)):
 def png_info(body: PngInfoRequest, svc=Depends(services)):
     image = jobs.decode_image(body.image, "image", svc.limits)
     text = image.info.get("parameters")
-    return {"parameters": text, "settings": read_settings(text) if isinstance(text, str) and text.strip() else None}
+    found = read_settings(text) if isinstance(text, str) and text.strip() else None
+    if found and "guidance_interval" in found:  # JSON has no infinity: the interval as the infotext writes it
+        found["guidance_interval"] = "{:g}-{:g}".format(*found["guidance_interval"])
+    return {"parameters": text, "settings": found}
 
 
 @router.post("/tokens", summary="a bearer token for the native API (sign in with Basic once)")

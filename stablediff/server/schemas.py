@@ -30,7 +30,7 @@ class PngInfoRequest(BaseModel):
 class A1111Base(BaseModel):
     """The fields txt2img and img2img share, with the webui's defaults."""
 
-    model_config = ConfigDict(extra="ignore", ser_json_inf_nan="null", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     prompt: str = ""
     negative_prompt: str = ""
     styles: list[str] | None = None

@@ -68,6 +68,9 @@ class Worker:
     # --- the loop -------------------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        from stablediff.devices import one_heap, resolve_device
+
+        one_heap(resolve_device(self.load_options["device"]))  # before the thread starts: it renders on the main heap
         self.thread.start()
         threading.Thread(target=self.hash_models, name="stablediff-hashes", daemon=True).start()
 
