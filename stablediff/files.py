@@ -30,14 +30,29 @@ def _written(folder: Path, name: str, write: Callable[[str], None]) -> str:
     return tmp
 
 
-def write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """write(tmp_name) fills a temporary file beside `path`, which is then renamed into place (replacing it)."""
+def _sync(path) -> None:
+    """Flush a file (or a folder's entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, write: Callable[[str], None], durable: bool = False) -> None:
+    """write(tmp_name) fills a temporary file beside `path`, which is then renamed into place (replacing it).
+    durable: the file and its name are on the disk when this returns, so a power cut keeps them too (the server's
+    results, which its queue then records as done)."""
     tmp = _written(path.parent, path.name, write)
     try:
+        if durable:
+            _sync(tmp)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    if durable and os.name == "posix":
+        _sync(path.parent)
 
 
 def next_number(folder: Path, pattern: str) -> int:
@@ -92,9 +107,11 @@ def load_image(path, mode: str = "RGB"):
         raise UserError(f"{path}: not an image Pillow can read ({e})") from None
 
 
-def write_png(image, path: Path | None, parameters: str | None, folder: Path | None = None, name: str = "") -> Path:
-    """A PNG with its generation parameters, written whole: to `path` (replacing it), or at the next free number of
-    `name` in `folder` (never overwriting). Pillow writes the text as iTXt where it is not Latin-1."""
+def write_png(image, path: Path | None, parameters: str | None, folder: Path | None = None, name: str = "",
+              durable: bool = False) -> Path:
+    """A PNG with its generation parameters, written whole: to `path` (replacing it; durable: see write_atomic), or at
+    the next free number of `name` in `folder` (never overwriting). Pillow writes the text as iTXt where it is not
+    Latin-1."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
@@ -105,5 +122,5 @@ def write_png(image, path: Path | None, parameters: str | None, folder: Path | N
         image.save(tmp, format="PNG", pnginfo=info)
     if path is None:
         return write_numbered(folder, name, write)
-    write_atomic(path, write)
+    write_atomic(path, write, durable)
     return path

@@ -15,15 +15,15 @@ def cache_folder() -> Path:
     return Path(user_cache_dir("stablediff", appauthor=False)) / "hashes"
 
 
-def _entry(path: Path, folder: Path | None) -> Path:
+def _entry(path: Path) -> Path:
     key = hashlib.sha256(str(path.resolve()).encode("utf-8", "surrogateescape")).hexdigest()
-    return (folder or cache_folder()) / f"{key}.json"
+    return cache_folder() / f"{key}.json"
 
 
-def cached_hash(path: Path, folder: Path | None = None) -> str | None:
+def cached_hash(path: Path) -> str | None:
     """The short hash from the cache, if it was made for this file as it is now (path, size and mtime)."""
     try:
-        entry = json.loads(_entry(path, folder).read_text(encoding="utf-8"))
+        entry = json.loads(_entry(path).read_text(encoding="utf-8"))
         st = path.stat()
         if entry["path"] == str(path.resolve()) and entry["size"] == st.st_size and entry["mtime_ns"] == st.st_mtime_ns:
             return entry["sha256"][:10]
@@ -44,11 +44,11 @@ def sha256(path: Path, skip_safetensors_header: bool = False) -> str:
     return digest.hexdigest()
 
 
-def compute_hash(path: Path, folder: Path | None = None) -> str:
+def compute_hash(path: Path) -> str:
     """Hash the whole file and cache it (where the cache folder can be written)."""
     st = path.stat()
     entry = {"path": str(path.resolve()), "sha256": sha256(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    target = _entry(path, folder)
+    target = _entry(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(target, lambda tmp: Path(tmp).write_text(json.dumps(entry), encoding="utf-8"))

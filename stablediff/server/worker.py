@@ -254,7 +254,7 @@ class Worker:
         folder.mkdir(parents=True)
         out = []
         for n, image in enumerate(images):
-            write_png(image, folder / f"{n}.png", image.info.get("parameters"))
+            write_png(image, folder / f"{n}.png", image.info.get("parameters"), durable=True)
             out.append({"n": n, "seed": job.params["seed"] + n, "infotext": image.info.get("parameters", "")})
         return out
 
