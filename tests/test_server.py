@@ -406,3 +406,21 @@ def test_multipart_uploads_and_png_info(open_server, tmp_path):
     assert np.array_equal(pixels(Image.open(io.BytesIO(png))), pixels(expected))
     assert info["parameters"] == expected.info["parameters"]
     assert (info["settings"]["seed"], info["settings"]["steps"], info["settings"]["denoising_strength"]) == (6, 6, 0.6)
+
+
+def test_batched_jobs_of_several_batches_keep_their_own_seeds(open_server):
+    demo = StableDiffusion.load(device="cpu")
+    with httpx.Client(base_url=open_server.url, timeout=120) as http:
+        blocker = http.post("/v1/jobs", json={"task": "txt2img", "prompt": PROMPT, "steps": 30, "width": 192,
+                                              "height": 192}).json()["id"]
+        ids = [http.post("/v1/jobs", json={"task": "txt2img", "prompt": f"{PROMPT} {i}", "seed": 40 + 10 * i, "steps": 4,
+                                           "n_iter": 2}).json()["id"] for i in range(2)]
+        jobs = [wait_state(http, f"/v1/jobs/{i}") for i in ids]
+        assert wait_state(http, f"/v1/jobs/{blocker}")["state"] == "done"
+        assert jobs[0]["started"] == jobs[1]["started"]  # they ran as one batch
+        for i, job in enumerate(jobs):
+            assert [im["seed"] for im in job["images"]] == [40 + 10 * i, 41 + 10 * i]
+            for im in job["images"]:
+                got = pixels(Image.open(io.BytesIO(http.get(im["url"]).content)))
+                solo = pixels(demo.txt2img(f"{PROMPT} {i}", steps=4, seed=im["seed"])[0])
+                assert np.abs(got - solo).max() <= 1 and f"Seed: {im['seed']}," in im["infotext"]

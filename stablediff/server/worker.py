@@ -166,22 +166,23 @@ class Worker:
         return self.loaded[1]
 
     def render(self, jobs) -> dict[str, list]:
-        """Every job's images: one call of the Python API per batch (n_iter of them for a lone job)."""
+        """Every job's images: one call of the Python API per batch, n_iter batches (the same for every job of a
+        batch key); job j's image i of batch k has the seed it has alone, seed_j + k * batch_size_j + i."""
         first = jobs[0].params
         model = self.model(first["model"])
-        prompts, negatives, seeds, owner_of = [], [], [], []
+        prompts, negatives, owner_of = [], [], []
         for job in jobs:
             n = job.params["batch_size"]
             prompts += [job.params["prompt"]] * n
             negatives += [job.params["negative_prompt"]] * n
-            seeds += [job.params["seed"] + i for i in range(n)]
             owner_of += [job.id] * n
         steps = tasks.sampling_steps(jobs[0].task, first)
         out = {job.id: [] for job in jobs}
         iterations = first["n_iter"]
         for it in range(iterations):
-            batch_seeds = [s + it * len(seeds) for s in seeds]
-            callback = self._callback(jobs, owner_of, steps, it, iterations, len(seeds))
+            batch_seeds = [j.params["seed"] + it * j.params["batch_size"] + i for j in jobs
+                           for i in range(j.params["batch_size"])]
+            callback = self._callback(jobs, owner_of, steps, it, iterations, len(prompts))
             images = self.call(model, jobs[0].task, first, prompts, negatives, batch_seeds, callback)
             for job_id, image in zip(owner_of, images):
                 out[job_id].append(image)
