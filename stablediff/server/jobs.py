@@ -203,9 +203,9 @@ def _check_limits(p: dict, limits: Limits) -> None:
 
 def batch_key(task: str, params: dict, loras: list[str]) -> str:
     """Jobs of equal keys can share one UNet batch: everything but the prompts, seeds and image counts is equal."""
-    shared = {k: v for k, v in params.items() if k not in ("prompt", "negative_prompt", "seed", "batch_size")}
-    if not params["subseed_strength"]:
-        shared.pop("subseed", None)
+    if params["subseed_strength"]:  # variation seeds count on across a batch's images: such a job renders alone
+        return uuid.uuid4().hex
+    shared = {k: v for k, v in params.items() if k not in ("prompt", "negative_prompt", "seed", "batch_size", "subseed")}
     text = json.dumps({"task": task, "loras": loras, **shared}, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
