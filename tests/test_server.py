@@ -424,3 +424,30 @@ def test_batched_jobs_of_several_batches_keep_their_own_seeds(open_server):
                 got = pixels(Image.open(io.BytesIO(http.get(im["url"]).content)))
                 solo = pixels(demo.txt2img(f"{PROMPT} {i}", steps=4, seed=im["seed"])[0])
                 assert np.abs(got - solo).max() <= 1 and f"Seed: {im['seed']}," in im["infotext"]
+
+
+def test_lora_jobs_batch_only_with_the_same_loras_and_equal_their_solo_renders(tmp_path):
+    from test_adapters import kohya_lora
+
+    demo = StableDiffusion.load(device="cpu")
+    (tmp_path / "loras").mkdir()
+    kohya_lora(demo, tmp_path / "loras" / "ink.safetensors")
+    demo.lora_dir = tmp_path / "loras"
+    prompts = ["a red circle <lora:ink:0.5>", "a red circle <lora:ink:1>", "a red circle <lora:ink:0.5>"]
+    with Server(tmp_path / "out", "--lora-dir", tmp_path / "loras") as server, \
+            httpx.Client(base_url=server.url, timeout=120) as http:
+        assert [x["name"] for x in http.get("/v1/loras").json()["loras"]] == ["ink"]
+        blocker = http.post("/v1/jobs", json={"task": "txt2img", "prompt": PROMPT, "steps": 30, "width": 192,
+                                              "height": 192}).json()["id"]
+        ids = [http.post("/v1/jobs", json={"task": "txt2img", "prompt": p, "seed": 7 + i, "steps": 4}).json()["id"]
+               for i, p in enumerate(prompts)]
+        jobs = [wait_state(http, f"/v1/jobs/{i}") for i in ids]
+        wait_state(http, f"/v1/jobs/{blocker}")
+        assert [j["state"] for j in jobs] == ["done"] * 3
+        assert jobs[0]["started"] != jobs[1]["started"]  # other LoRA weights: another batch
+        for i, (prompt, job) in enumerate(zip(prompts, jobs)):
+            got = pixels(Image.open(io.BytesIO(http.get(job["images"][0]["url"]).content)))
+            solo = pixels(demo.txt2img(prompt, steps=4, seed=7 + i)[0])
+            assert np.abs(got - solo).max() <= 1 and 'Lora hashes: "ink: ' in job["images"][0]["infotext"]
+        r = http.post("/v1/jobs", json={"task": "txt2img", "prompt": "x <lora:missing:1>"})
+        assert r.status_code == 400 and "no such LoRA" in r.json()["error"]

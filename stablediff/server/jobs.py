@@ -19,8 +19,9 @@ from stablediff.files import write_atomic
 from stablediff.server.auth import User
 from stablediff.server.store import FINAL, Job, Store
 
-_LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]*)")
+_LORA_TAG = re.compile(r"<(?:lora|lyco):([^>]*)>")
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")  # as adapters/lora.find looks for them
 
 
 class TooLarge(UserError):
@@ -145,14 +146,15 @@ def _keep_inputs(svc: Services, inputs: dict) -> None:
             write_atomic(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
 
 
-def _check_loras(svc: Services, prompts: list[str]) -> list[str]:
-    """The LoRA names the prompts use, each a file of the LoRA folder (no name may reach outside it)."""
-    names = sorted({m.strip() for p in prompts for m in _LORA_TAG.findall(p)})
-    for name in names:
+def _check_loras(svc: Services, prompt: str, negative: str) -> list[str]:
+    """The prompt's LoRA tags in order (name and weights: the batch key, as one batch merges one list of them), each
+    tag of either prompt naming a file of the LoRA folder (no name may reach outside it)."""
+    tags = [m.strip() for m in _LORA_TAG.findall(prompt)]
+    for name in sorted({tag.split(":")[0].strip() for tag in tags + _LORA_TAG.findall(negative)}):
         checks.check_name(name, f"<lora:{name}>")
-        if svc.lora_dir is None or not any(svc.lora_dir.rglob(name + s) for s in (".safetensors", ".pt", ".ckpt")):
+        if svc.lora_dir is None or not any(next(svc.lora_dir.rglob(name + s), None) for s in LORA_SUFFIXES):
             raise UserError(f"<lora:{name}>: no such LoRA on this server (GET /v1/loras lists them)")
-    return names
+    return tags
 
 
 def submit(svc: Services, user: User, body: dict, uploads: dict | None = None) -> Job:
@@ -172,7 +174,7 @@ def submit(svc: Services, user: User, body: dict, uploads: dict | None = None) -
             inputs[body[name]] = image
     params = tasks.validate(task, body, svc.limits.max_pixels)
     _check_limits(params, svc.limits)
-    loras = _check_loras(svc, [params["prompt"], params["negative_prompt"]])
+    loras = _check_loras(svc, params["prompt"], params["negative_prompt"])
     _keep_inputs(svc, inputs)  # only once every check has passed: a refused request leaves no file
     params["seed"] = checks.seeds(params["seed"], params["batch_size"] * params["n_iter"])[0]
     if params["subseed_strength"] and params["subseed"] in (None, -1):
@@ -279,7 +281,7 @@ def lora_names(svc: Services) -> list[dict]:
     if svc.lora_dir is None:
         return []
     return [{"name": p.stem, "path": str(p.relative_to(svc.lora_dir))} for p in sorted(svc.lora_dir.rglob("*"))
-            if p.suffix in (".safetensors", ".pt", ".ckpt") and p.is_file()]
+            if p.suffix in LORA_SUFFIXES and p.is_file()]
 
 
 def embedding_names(svc: Services) -> list[str]:
