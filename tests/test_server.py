@@ -317,6 +317,7 @@ def hostile() -> list:
         ("POST", "/v1/jobs", {"task": "img2img", "image": _bomb()}),
         ("POST", "/v1/jobs", {"task": "img2img"}),
         ("POST", "/v1/jobs", {"task": "outpaint", "image": _png(), "extend": [1, 2]}),
+        ("POST", "/v1/jobs", {"task": "upscale", "image": _png((1200, 1200))}),  # 4800x4800 out
         ("POST", "/sdapi/v1/txt2img", {"prompt": "x", "steps": "x"}),
         ("POST", "/sdapi/v1/txt2img", {"prompt": "x", "cfg_scale": "NaN"}),
         ("POST", "/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Restart"}),

@@ -172,6 +172,8 @@ def submit(svc: Services, user: User, body: dict, uploads: dict | None = None) -
         if p.kind is tasks.IMAGE and given is not None:
             body[name], image = _input(decode_image(given, name, svc.limits))
             inputs[body[name]] = image
+            if task == "upscale" and name == "image":  # what it makes: 4x each side
+                checks.check_pixels(image.width * 4, image.height * 4, svc.limits.max_pixels, "the server's --max-pixels")
     params = tasks.validate(task, body, svc.limits.max_pixels)
     _check_limits(params, svc.limits)
     loras = _check_loras(svc, params["prompt"], params["negative_prompt"])
