@@ -2,14 +2,13 @@
 import argparse
 import math
 import os
-import re
 import signal
 import sys
 import tempfile
 from pathlib import Path
 
 from stablediff import __version__, checks, tasks
-from stablediff.errors import UserError
+from stablediff.errors import UserError, out_of_memory
 from stablediff.files import load_image, write_png
 
 SAMPLER_HELP = ("ddim, plms, ddpm, lms, euler, euler_a, heun, dpm2, dpm2_a, dpmpp_2m, dpmpp_2s_a, dpmpp_sde, "
@@ -703,17 +702,6 @@ def _terminate(signum, frame):
     raise Terminated
 
 
-def _out_of_memory(e: BaseException) -> str | None:
-    """One line for an allocation that failed (torch's CPU and CUDA allocators, Python's), else None."""
-    text = str(e)
-    asked = re.search(r"tried to allocate (\d+) bytes", text) or re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
-    if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text):
-        return None
-    size = asked and (f"{int(asked.group(1)) / 2**30:.1f} GiB" if asked.group(1).isdigit() else asked.group(1))
-    return (f"out of memory{f': one allocation of {size} was asked for' if size else ''}; try a smaller --H/--W, "
-            "--n_samples or --max-pixels")
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
@@ -739,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except (MemoryError, RuntimeError) as e:
-        if (line := _out_of_memory(e)) is None:
+        if (line := out_of_memory(e)) is None:
             raise
         print(f"stablediff: error: {line}", file=sys.stderr)
         return 2

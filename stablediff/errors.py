@@ -1,5 +1,18 @@
-"""The one exception type users see: its message is a complete one-line explanation."""
+"""The one exception type users see (its message is a complete one-line explanation), and the one line for an
+allocation that failed."""
+import re
 
 
 class UserError(Exception):
     """Bad input from the user: printed as one line by the CLI, never a traceback."""
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """One line for an allocation that failed (torch's CPU and CUDA allocators, Python's), else None."""
+    text = str(e)
+    asked = re.search(r"tried to allocate (\d+) bytes", text) or re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
+    if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text):
+        return None
+    size = asked and (f"{int(asked.group(1)) / 2**30:.1f} GiB" if asked.group(1).isdigit() else asked.group(1))
+    return (f"out of memory{f': one allocation of {size} was asked for' if size else ''}; try a smaller --H/--W, "
+            "--n_samples or --max-pixels")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from stablediff import StableDiffusion, cli
 from stablediff.api import DEMO_MODEL
-from stablediff.errors import UserError
+from stablediff.errors import UserError, out_of_memory
 
 QUICK = ["--steps", "2", "--skip_grid"]
 
@@ -136,8 +136,8 @@ def test_a_closed_pipe_ends_info_quietly(tmp_path):
 def test_out_of_memory_is_one_line_saying_how_much():
     error = RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: you "
                          "tried to allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)")
-    assert cli._out_of_memory(error).startswith("out of memory: one allocation of 37.3 GiB was asked for")
-    assert cli._out_of_memory(RuntimeError("shape mismatch")) is None
+    assert out_of_memory(error).startswith("out of memory: one allocation of 37.3 GiB was asked for")
+    assert out_of_memory(RuntimeError("shape mismatch")) is None
 
 
 def test_sigterm_mid_write_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):

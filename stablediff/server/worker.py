@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stablediff import tasks
-from stablediff.errors import UserError
+from stablediff.errors import UserError, out_of_memory
 from stablediff.files import write_png
 from stablediff.server.store import Store
 
@@ -277,9 +277,7 @@ class Worker:
 
 def _failure(e: Exception) -> str:
     """One line for a job that failed on something other than its request."""
-    from stablediff.cli import _out_of_memory
-
-    line = _out_of_memory(e) if isinstance(e, (MemoryError, RuntimeError)) else None
+    line = out_of_memory(e) if isinstance(e, (MemoryError, RuntimeError)) else None
     if line is None:
         log.error("a job failed:\n%s", "".join(traceback.format_exception(e)))
         line = f"internal error ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else 'no message'})"
