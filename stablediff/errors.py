@@ -1,10 +1,25 @@
 """The one exception type users see (its message is a complete one-line explanation), and the one line for an
 allocation that failed."""
 import re
+from contextlib import contextmanager
 
 
 class UserError(Exception):
-    """Bad input from the user: printed as one line by the CLI, never a traceback."""
+    """Bad input from the user: printed as one line by the CLI, never a traceback. `field`: the request parameter it
+    is about, where one is (the server's JSON error names it, and the page shows the message beside that field)."""
+
+    field: str | None = None
+
+
+@contextmanager
+def about(field: str):
+    """A UserError raised inside is about this parameter (unless it already names one)."""
+    try:
+        yield
+    except UserError as e:
+        if e.field is None:
+            e.field = field
+        raise
 
 
 def out_of_memory(e: BaseException) -> str | None:

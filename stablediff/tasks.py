@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 
 from stablediff import checks
-from stablediff.errors import UserError
+from stablediff.errors import UserError, about
 from stablediff.names import parse_sampler
 
 
@@ -114,18 +114,27 @@ def validate(task: str, given: dict, max_pixels: int = checks.MAX_PIXELS) -> dic
     unknown = sorted(set(given) - set(table))
     if unknown:
         raise UserError(f"{task} takes no {', '.join(unknown)}; it takes: {', '.join(table)}")
-    out = {name: _value(p, given.get(name, p.default)) for name, p in table.items()}
+    out = {}
+    for name, p in table.items():
+        with about(name):
+            out[name] = _value(p, given.get(name, p.default))
     for name in ("prompt", "negative_prompt"):
-        checks.check_prompt(out[name], name.replace("_", " "))
-    if out["sampler"] is not None or out["schedule"] is not None:
+        with about(name):
+            checks.check_prompt(out[name], name.replace("_", " "))
+    with about("sampler"):
+        parse_sampler(out["sampler"])
+    with about("schedule"):
         parse_sampler(out["sampler"], out["schedule"])
     for name in ("width", "height"):
         if out.get(name) is not None and out[name] % 8:
-            raise UserError(f"{name} {out[name]} is not a multiple of 8")
+            with about(name):
+                raise UserError(f"{name} {out[name]} is not a multiple of 8")
     if out.get("width") and out.get("height"):
-        checks.check_pixels(out["width"], out["height"], max_pixels, "the server's --max-pixels")
+        with about("width"):
+            checks.check_pixels(out["width"], out["height"], max_pixels, "the server's --max-pixels")
     if task == "outpaint" and any(v % 8 for v in out["extend"]):
-        raise UserError(f"extend {list(out['extend'])}: each side must be a multiple of 8")
+        with about("extend"):
+            raise UserError(f"extend {list(out['extend'])}: each side must be a multiple of 8")
     return out
 
 

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stablediff import __version__
 from stablediff.errors import UserError
-from stablediff.server import routes_a1111, routes_v1
+from stablediff.server import routes_a1111, routes_v1, routes_web
 from stablediff.server.auth import Users
 from stablediff.server.deps import current_user
 from stablediff.server.jobs import Changes, Limits, NotFound, Services, TooLarge, find_models
@@ -67,6 +67,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.include_router(routes_v1.router)
     app.include_router(routes_a1111.router)
     app.include_router(docs_router(app))
+    routes_web.mount(app)
     _guards(app, config)
     _errors(app)
     return app
@@ -88,7 +89,7 @@ def docs_router(app: FastAPI) -> APIRouter:
 
 def _guards(app: FastAPI, config: ServerConfig) -> None:
     """Requests refused before any route: state changes from another origin (a page elsewhere must not queue work
-    here), and bodies over the upload limit (413)."""
+    here), and bodies over the upload limit (413); the page's files sent under its security policy."""
     allowed = set(config.cors_origins)
     if allowed:
         from fastapi.middleware.cors import CORSMiddleware
@@ -112,7 +113,10 @@ def _guards(app: FastAPI, config: ServerConfig) -> None:
                                           f"{config.limits.max_upload:,} (--max-upload)"}, status_code=413)
         if size is None and request.method in UNSAFE and request.headers.get("transfer-encoding"):
             return JSONResponse({"error": "send a Content-Length: bodies of unknown size are refused"}, status_code=411)
-        return await call_next(request)
+        response = await call_next(request)
+        if request.url.path.startswith("/web/"):
+            response.headers.update(routes_web.POLICY)
+        return response
 
 
 def _errors(app: FastAPI) -> None:
@@ -120,7 +124,7 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(UserError)
     async def user_error(request, e: UserError):
         status = 404 if isinstance(e, NotFound) else 413 if isinstance(e, TooLarge) else 400
-        return JSONResponse({"error": str(e)}, status_code=status)
+        return JSONResponse({"error": str(e), **({"field": e.field} if e.field else {})}, status_code=status)
 
     @app.exception_handler(QueueFull)
     async def queue_full(request, e: QueueFull):

@@ -7,7 +7,7 @@ from stablediff.server.jobs import Services
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="stablediff", charset="UTF-8"'}
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
     return request.app.state.services
 
 
@@ -24,5 +24,8 @@ def current_user(request: Request) -> User:
         given = parse_basic(header)
         user = users.basic(*given) if given else None
     if user is None:
-        raise HTTPException(401, "sign in: send HTTP Basic credentials (or a bearer token on /v1)", headers=CHALLENGE)
+        # a page's script (fetch) gets no challenge: the browser would open its own sign-in prompt over the page's form
+        scripted = request.headers.get("sec-fetch-mode") in ("cors", "same-origin", "no-cors")
+        raise HTTPException(401, "sign in: send HTTP Basic credentials (or a bearer token on /v1)",
+                            headers=None if scripted else CHALLENGE)
     return user

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stablediff import checks, tasks
-from stablediff.errors import UserError
+from stablediff.errors import UserError, about
 from stablediff.files import write_atomic
 from stablediff.server.auth import User
 from stablediff.server.store import FINAL, Job, Store
@@ -165,20 +165,25 @@ def submit(svc: Services, user: User, body: dict, uploads: dict | None = None) -
         raise UserError(f"task {task!r}: send one of {', '.join(tasks.TASKS)}")
     model = body.pop("model", None) or svc.model_name()
     if not isinstance(model, str) or model not in svc.models:
-        raise UserError(f"model {model!r} is not on this server; it has: {', '.join(svc.models)}")
+        with about("model"):
+            raise UserError(f"model {model!r} is not on this server; it has: {', '.join(svc.models)}")
     inputs = {}
     for name, p in tasks.params(task).items():
         given = (uploads or {}).get(name, body.get(name))
         if p.kind is tasks.IMAGE and given is not None:
-            body[name], image = _input(decode_image(given, name, svc.limits))
-            inputs[body[name]] = image
-            if task == "upscale" and name == "image":  # what it makes: 4x each side
-                checks.check_pixels(image.width * 4, image.height * 4, svc.limits.max_pixels, "the server's --max-pixels")
+            with about(name):
+                body[name], image = _input(decode_image(given, name, svc.limits))
+                inputs[body[name]] = image
+                if task == "upscale" and name == "image":  # what it makes: 4x each side
+                    checks.check_pixels(image.width * 4, image.height * 4, svc.limits.max_pixels,
+                                        "the server's --max-pixels")
     params = tasks.validate(task, body, svc.limits.max_pixels)
     _check_limits(params, svc.limits)
-    loras = _check_loras(svc, params["prompt"], params["negative_prompt"])
+    with about("prompt"):
+        loras = _check_loras(svc, params["prompt"], params["negative_prompt"])
     _keep_inputs(svc, inputs)  # only once every check has passed: a refused request leaves no file
-    params["seed"] = checks.seeds(params["seed"], params["batch_size"] * params["n_iter"])[0]
+    with about("seed"):
+        params["seed"] = checks.seeds(params["seed"], params["batch_size"] * params["n_iter"])[0]
     if params["subseed_strength"] and params["subseed"] in (None, -1):
         params["subseed"] = random.randrange(2**32)
     params["model"] = model
@@ -187,22 +192,29 @@ def submit(svc: Services, user: User, body: dict, uploads: dict | None = None) -
 
 
 def _check_limits(p: dict, limits: Limits) -> None:
-    if p["steps"] > limits.max_steps or (p.get("hires_steps") or 0) > limits.max_steps:
-        raise UserError(f"steps {p['steps']}: this server takes at most {limits.max_steps}")
+    for name in ("steps", "hires_steps"):
+        if (p.get(name) or 0) > limits.max_steps:
+            with about(name):
+                raise UserError(f"{name} {p[name]}: this server takes at most {limits.max_steps}")
     if p["batch_size"] * p["n_iter"] > limits.max_images:
-        raise UserError(f"batch_size x n_iter = {p['batch_size'] * p['n_iter']}: this server makes at most "
-                        f"{limits.max_images} images per job")
+        with about("n_iter"):
+            raise UserError(f"batch_size x n_iter = {p['batch_size'] * p['n_iter']}: this server makes at most "
+                            f"{limits.max_images} images per job")
     if p["batch_size"] > limits.max_batch:
-        raise UserError(f"batch_size {p['batch_size']}: this server renders at most {limits.max_batch} at once; "
-                        "use n_iter for more")
+        with about("batch_size"):
+            raise UserError(f"batch_size {p['batch_size']}: this server renders at most {limits.max_batch} at once; "
+                            "use n_iter for more")
     for name in ("prompt", "negative_prompt"):
         if len(p[name]) > limits.max_prompt:
-            raise TooLarge(f"{name} is {len(p[name]):,} characters; this server takes at most {limits.max_prompt:,}")
+            with about(name):
+                raise TooLarge(f"{name} is {len(p[name]):,} characters; this server takes at most "
+                               f"{limits.max_prompt:,}")
     if p.get("hires_scale") and p.get("width") and p.get("height"):
         from stablediff.pipelines.hires import Hires
 
-        checks.check_pixels(*Hires(p["hires_scale"]).size(p["width"], p["height"]), limits.max_pixels,
-                            "the server's --max-pixels")
+        with about("hires_scale"):
+            checks.check_pixels(*Hires(p["hires_scale"]).size(p["width"], p["height"]), limits.max_pixels,
+                                "the server's --max-pixels")
 
 
 def batch_key(task: str, params: dict, loras: list[str]) -> str:
@@ -233,13 +245,15 @@ def eta_seconds(job: Job) -> float | None:
 
 def describe(svc: Services, job: Job, base: str = "/v1") -> dict:
     """A job as GET /v1/jobs/{id} gives it."""
-    progress = {k: job.progress[k] for k in ("step", "steps", "image", "images") if k in job.progress}
+    progress = {k: job.progress[k] for k in ("step", "steps", "image", "images", "batch", "batches")
+                if k in job.progress}
     images = {name for name, p in tasks.params(job.task).items() if p.kind is tasks.IMAGE}  # references, not data
     return {"id": job.id, "task": job.task, "state": job.state, "position": svc.store.position(job),
             "progress": progress, "eta_seconds": eta_seconds(job), "error": job.error, "model": job.params.get("model"),
             "created": job.created, "started": job.started, "finished": job.finished,
             "images": [{"url": f"{base}/images/{job.id}/{im['n']}.png", "seed": im["seed"], "infotext": im["infotext"]}
                        for im in job.images],
+            "inputs": {k: f"{base}/jobs/{job.id}/inputs/{k}.png" for k in images if job.params.get(k)},
             "params": {k: v for k, v in job.params.items() if k not in images}}
 
 
@@ -255,6 +269,15 @@ def image_path(svc: Services, user: User, job_id: str, n: int) -> Path:
     if not any(im["n"] == n for im in job.images):
         raise NotFound(f"job {job_id} has no image {n}")
     return svc.outdir / "images" / job.id / f"{n}.png"
+
+
+def input_path(svc: Services, user: User, job_id: str, name: str) -> Path:
+    """A job's input image (its `image`, `mask`, ...) as the server keeps it: a PNG under inputs/, by its hash."""
+    job = owned(svc, user, job_id)
+    p = tasks.params(job.task).get(name)
+    if p is None or p.kind is not tasks.IMAGE or not job.params.get(name):
+        raise NotFound(f"job {job_id} has no input image {name!r}")
+    return svc.outdir / "inputs" / f"{job.params[name]}.png"
 
 
 async def wait(svc: Services, job_id: str) -> Job:

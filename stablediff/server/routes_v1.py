@@ -15,6 +15,8 @@ from stablediff.server.deps import current_user, services
 from stablediff.server.schemas import JobRequest, PngInfoRequest
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(current_user)], tags=["native"])
+# an image is written once and never changed: a browser may keep it (each user's own: Vary)
+IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable", "Vary": "Authorization"}
 
 
 async def _job_request(request: Request) -> tuple[dict, dict]:
@@ -90,7 +92,12 @@ async def job_events(job_id: str, preview_every: int = 1, user: User = Depends(c
 
 @router.get("/images/{job_id}/{n}.png", summary="an image, the PNG exactly as the command line writes it")
 def get_image(job_id: str, n: int, user: User = Depends(current_user), svc=Depends(services)):
-    return FileResponse(jobs.image_path(svc, user, job_id, n), media_type="image/png")
+    return FileResponse(jobs.image_path(svc, user, job_id, n), media_type="image/png", headers=IMMUTABLE)
+
+
+@router.get("/jobs/{job_id}/inputs/{name}.png", summary="a job's input image (image, mask, depth_map) as sent")
+def get_input(job_id: str, name: str, user: User = Depends(current_user), svc=Depends(services)):
+    return FileResponse(jobs.input_path(svc, user, job_id, name), media_type="image/png", headers=IMMUTABLE)
 
 
 @router.get("/models", summary="the models a job may name")
@@ -145,6 +152,14 @@ def post_token(user: User = Depends(current_user), svc=Depends(services)):
     token = new_token()
     svc.store.add_token(user.name, token_digest(token))
     return {"token": token, "user": user.name}
+
+
+@router.delete("/tokens", summary="sign out: the bearer token this request carries is revoked")
+def delete_token(request: Request, svc=Depends(services)):
+    header = request.headers.get("authorization", "")
+    if not header.lower().startswith("bearer "):
+        raise UserError("send the token to revoke as `Authorization: Bearer ...`")
+    return {"revoked": svc.store.remove_token(token_digest(header[7:].strip()))}
 
 
 @router.get("/me", summary="who you are signed in as")

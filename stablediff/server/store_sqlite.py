@@ -197,3 +197,7 @@ class SQLiteStore(Store):
     def token_owner(self, digest: str) -> str | None:
         rows = self._rows("SELECT owner FROM tokens WHERE digest = ?", (digest,))
         return rows[0][0] if rows else None
+
+    def remove_token(self, digest: str) -> bool:
+        with self.lock:
+            return self.db.execute("DELETE FROM tokens WHERE digest = ?", (digest,)).rowcount > 0
