@@ -270,7 +270,8 @@ def serve(args) -> None:
         raise UserError(f"the server needs the {e.name} package, one of stablediff's requirements: pip install "
                         "stablediff again") from None
     config, host = _server_config(args)
-    print(f"stablediff: serving {config.model.name} on http://{host}:{args.port} (open it in a browser; API docs at /docs)", file=sys.stderr)
+    print(f"stablediff: serving {config.model.name} on http://{host}:{args.port} (open it in a browser; API docs at "
+          "/docs)", file=sys.stderr)
     uvicorn.run(create_app(config), host=host, port=args.port, log_level="warning")
 
 
