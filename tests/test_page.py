@@ -127,10 +127,11 @@ def mode(page, task):
 
 def generate(page):
     """Click Generate and wait for the job's images in Results; the images shown."""
-    page.evaluate("() => { document.getElementById('result-note').textContent = ''; }")
+    before = page.locator("#job").get_attribute("data-last-job")
     page.locator("#generate").click()
-    page.wait_for_function("""() => /^(Done|The job failed|Cancelled)/.test(document.getElementById('result-note')
-        .textContent) || document.querySelector('#job .error:not(:empty)')""", timeout=120000)
+    page.wait_for_function("""before => { const sent = document.getElementById('job').dataset.lastJob;
+        return (sent !== before && document.getElementById('results').dataset.job === sent)
+               || document.querySelector('#job .error:not(:empty)'); }""", arg=before, timeout=120000)
     errors = page.locator("#job .error:not(:empty)")
     assert errors.count() == 0, errors.all_text_contents()
     return page.locator("#results img")
@@ -157,15 +158,15 @@ def api_image(http, body, files=None) -> tuple[dict, Image.Image]:
 
 
 def test_generate_shows_progress_and_the_apis_picture(page, http):
-    form(page, prompt=PROMPT, negative_prompt="green", steps=40, seed=7, sampler="euler_a", scale=6)
+    form(page, prompt=PROMPT, negative_prompt="green", steps=100, seed=7, sampler="euler_a", scale=6)
     page.locator("#size-preset").select_option("64x64")
     page.locator("#generate").click()
-    page.locator("#progress-text").get_by_text(re.compile(r"Step \d+ of 40 · image 1 of 1")).wait_for(timeout=60000)
+    page.locator("#progress-text").get_by_text(re.compile(r"Step \d+ of 100 · image 1 of 1")).wait_for(timeout=60000)
     page.locator("#preview").wait_for(state="visible")  # the live preview
     assert page.locator("#progress-bar").get_attribute("value") is not None
     page.get_by_text("Done: 1 image(s).").wait_for(timeout=120000)
     shown = shown_image(page.locator("#results img").first)
-    job, expected = api_image(http, {"task": "txt2img", "prompt": PROMPT, "negative_prompt": "green", "steps": 40,
+    job, expected = api_image(http, {"task": "txt2img", "prompt": PROMPT, "negative_prompt": "green", "steps": 100,
                                      "seed": 7, "sampler": "euler_a", "scale": 6, "width": 64, "height": 64})
     assert np.array_equal(pixels(shown), pixels(expected))
     assert page.locator("#history img").count() >= 1
@@ -178,7 +179,7 @@ def test_queue_three_jobs_and_cancel_the_second(page, http):
     page.locator("#f-prompt").press("Control+Enter")  # the keyboard queues one too
     page.locator("#generate").click()
     page.wait_for_function("() => document.querySelectorAll('#queue li').length === 3", timeout=30000)
-    assert page.locator("#queue li").nth(0).locator(".state").text_content() == "running"
+    expect(page.locator("#queue li").nth(0).locator(".state")).to_have_text("running")
     page.locator("#queue li").nth(1).get_by_role("button", name="Cancel").click()
     page.wait_for_function("() => document.querySelectorAll('#queue li').length === 0", timeout=120000)
     page.locator("#progress").wait_for(state="hidden")  # the page has shown the end of each of the three
@@ -374,9 +375,8 @@ def test_a_prompt_of_html_is_text(page, http):
     page.locator("#history button.thumb").first.click()
     assert attack in page.locator("#viewer-info").text_content()
     page.locator("#viewer-close").click()
-    page.locator("#f-prompt").fill(attack + " queued")
-    page.locator("#generate").click()  # shown in the queue too
-    page.wait_for_function("() => document.getElementById('result-note').textContent.startsWith('Done')")
+    page.locator("#f-prompt").fill(attack + " queued")  # shown in the queue too
+    generate(page)
     assert page.locator("img[src=x]").count() == 0 and page.locator("#history img").count() > 0
     assert page.dialogs == []
 

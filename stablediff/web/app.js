@@ -358,6 +358,7 @@ async function generate() {
     const job = await api.post("/v1/jobs", payload);
     $("form-note").textContent = job.position ? `Queued: ${job.position} ahead of it.` : "Queued.";
     state.pending.push(job.id);
+    form.dataset.lastJob = job.id; // the page's own record of what it sent last (tests wait on it)
     await refreshQueue();
   } catch (err) {
     if (err.status === 401) return showSignIn();
@@ -458,6 +459,7 @@ async function showResult(job) {
     $("result-note").textContent = job.state === "failed" ? `The job failed: ${job.error}` : "Cancelled.";
   }
   if (state.historyPage === 1) await showHistory(1);
+  $("results").dataset.job = job.id; // shown, in Results and the history
 }
 
 $("cancel").addEventListener("click", () => state.watching && cancel(state.watching));
