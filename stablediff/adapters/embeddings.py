@@ -5,11 +5,10 @@ from pathlib import Path
 
 import torch
 
+from stablediff.adapters.files import embedding_files
 from stablediff.checkpoints.hashing import sha256
 from stablediff.checkpoints.io import read_pickle, read_safetensors
 from stablediff.errors import UserError
-
-SUFFIXES = (".pt", ".safetensors", ".bin")
 
 
 def read_embedding(path: Path) -> torch.Tensor:
@@ -40,7 +39,7 @@ class EmbeddingLibrary:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise UserError(f"embeddings folder {folder} not found")
-        self.paths = {p.stem: p for p in sorted(self.folder.rglob("*")) if p.suffix in SUFFIXES and p.is_file()}
+        self.paths = embedding_files(self.folder)
         self.loaded: dict[str, torch.Tensor] = {}
         self.short_hashes: dict[str, str] = {}
 

@@ -12,11 +12,10 @@ from torch import nn
 
 from stablediff.checkpoints.hashing import sha256
 from stablediff.checkpoints.io import read_state_dict
+from stablediff.adapters.files import lora_file
 from stablediff.checkpoints.keymaps import invert, rename, unet_prefixes
-from stablediff.checks import check_name
 from stablediff.errors import UserError
 
-SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 _TAG = re.compile(r"<(lora|lyco):([^>]+)>")
 # the part of a key that says which factor it is, and the factor; what comes before names the module
 _FACTORS = [(re.compile(p), f) for p, f in [
@@ -172,11 +171,9 @@ def find(folder: Path | None, name: str) -> Path:
     """The LoRA file named `name` in a folder or its subfolders."""
     if folder is None:
         raise UserError(f"the prompt names <lora:{name}>: pass --lora-dir with the folder of your LoRA files")
-    check_name(name, f"<lora:{name}>")
-    for suffix in SUFFIXES:
-        hits = sorted(Path(folder).rglob(name + suffix))
-        if hits:
-            return hits[0]
+    found = lora_file(folder, name)
+    if found is not None:
+        return found
     raise UserError(f"the prompt names <lora:{name}>, but {folder} has no {name}.safetensors (or .pt, .ckpt)")
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stablediff import checks, tasks
+from stablediff.adapters.files import embedding_files, lora_file, lora_files
 from stablediff.errors import UserError, about
 from stablediff.files import write_atomic
 from stablediff.server.auth import User
@@ -21,7 +22,6 @@ from stablediff.server.store import FINAL, Job, Store
 
 _LORA_TAG = re.compile(r"<(?:lora|lyco):([^>]*)>")
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt")
-LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")  # as adapters/lora.find looks for them
 
 
 class TooLarge(UserError):
@@ -151,8 +151,8 @@ def _check_loras(svc: Services, prompt: str, negative: str) -> list[str]:
     tag of either prompt naming a file of the LoRA folder (no name may reach outside it)."""
     tags = [m.strip() for m in _LORA_TAG.findall(prompt)]
     for name in sorted({tag.split(":")[0].strip() for tag in tags + _LORA_TAG.findall(negative)}):
-        checks.check_name(name, f"<lora:{name}>")
-        if svc.lora_dir is None or not any(next(svc.lora_dir.rglob(name + s), None) for s in LORA_SUFFIXES):
+        checks.check_name(name, f"<lora:{name}>")  # with no LoRA folder too: a bad name is said as such
+        if svc.lora_dir is None or lora_file(svc.lora_dir, name) is None:
             raise UserError(f"<lora:{name}>: no such LoRA on this server (GET /v1/loras lists them)")
     return tags
 
@@ -305,11 +305,10 @@ def preview(svc: Services, job: Job) -> bytes | None:
 def lora_names(svc: Services) -> list[dict]:
     if svc.lora_dir is None:
         return []
-    return [{"name": p.stem, "path": str(p.relative_to(svc.lora_dir))} for p in sorted(svc.lora_dir.rglob("*"))
-            if p.suffix in LORA_SUFFIXES and p.is_file()]
+    return [{"name": p.stem, "path": str(p.relative_to(svc.lora_dir))} for p in lora_files(svc.lora_dir)]
 
 
 def embedding_names(svc: Services) -> list[str]:
     if svc.embeddings_dir is None:
         return []
-    return sorted(p.stem for p in svc.embeddings_dir.rglob("*") if p.suffix in (".pt", ".safetensors", ".bin"))
+    return sorted(embedding_files(svc.embeddings_dir))
