@@ -18,7 +18,7 @@ from stablediff.adapters.files import embedding_files, lora_file, lora_files
 from stablediff.errors import UserError, about
 from stablediff.files import write_atomic
 from stablediff.server.auth import User
-from stablediff.server.store import FINAL, Job, Store
+from stablediff.server.store import FINAL, Job, Store, image_file, input_file
 
 _LORA_TAG = re.compile(r"<(?:lora|lyco):([^>]*)>")
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt")
@@ -140,7 +140,7 @@ def _input(image) -> tuple[str, object]:
 def _keep_inputs(svc: Services, inputs: dict) -> None:
     """The images of an accepted job as PNGs under inputs/ (written whole; an identical one is kept once)."""
     for digest, image in inputs.items():
-        path = svc.outdir / "inputs" / f"{digest}.png"
+        path = input_file(svc.outdir, digest)
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
@@ -268,7 +268,7 @@ def image_path(svc: Services, user: User, job_id: str, n: int) -> Path:
     job = owned(svc, user, job_id)
     if not any(im["n"] == n for im in job.images):
         raise NotFound(f"job {job_id} has no image {n}")
-    return svc.outdir / "images" / job.id / f"{n}.png"
+    return image_file(svc.outdir, job.id, n)
 
 
 def input_path(svc: Services, user: User, job_id: str, name: str) -> Path:
@@ -277,7 +277,7 @@ def input_path(svc: Services, user: User, job_id: str, name: str) -> Path:
     p = tasks.params(job.task).get(name)
     if p is None or p.kind is not tasks.IMAGE or not job.params.get(name):
         raise NotFound(f"job {job_id} has no input image {name!r}")
-    return svc.outdir / "inputs" / f"{job.params[name]}.png"
+    return input_file(svc.outdir, job.params[name])
 
 
 async def wait(svc: Services, job_id: str) -> Job:

@@ -16,6 +16,7 @@ from stablediff.server import jobs
 from stablediff.server.auth import User
 from stablediff.server.deps import current_user, services
 from stablediff.server.schemas import A1111Img2Img, A1111Txt2Img, PngInfoRequest
+from stablediff.server.store import image_file
 
 router = APIRouter(prefix="/sdapi/v1", dependencies=[Depends(current_user)], tags=["automatic1111"])
 
@@ -63,8 +64,7 @@ async def _run(svc, user: User, body: dict, request_echo: dict) -> dict:
     job = await jobs.wait(svc, job.id)
     if job.state == "failed":  # it was accepted but could not be made: the reason, never a bare 500
         return JSONResponse({"error": f"the job failed: {job.error}", "job_id": job.id}, status_code=422)
-    images = [base64.b64encode((svc.outdir / "images" / job.id / f"{im['n']}.png").read_bytes()).decode()
-              for im in job.images]
+    images = [base64.b64encode(image_file(svc.outdir, job.id, im["n"]).read_bytes()).decode() for im in job.images]
     return {"images": images, "parameters": request_echo, "info": json.dumps(_info(svc, job))}
 
 

@@ -7,6 +7,7 @@
 A result is recorded once: `finish` only moves a job that is running, and its images are on disk before it does.
 """
 from dataclasses import dataclass, field
+from pathlib import Path
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINAL = ("done", "failed", "cancelled")
@@ -30,6 +31,16 @@ class Job:
     error: str | None = None
     images: list = field(default_factory=list)  # [{"n": 0, "seed": ..., "infotext": ...}]
     progress: dict = field(default_factory=dict)  # {"step", "steps", "image", "images"}
+
+
+def image_file(outdir: Path, job_id: str, n: int) -> Path:
+    """Where the server keeps image n of a job (the worker writes it, both APIs read it)."""
+    return outdir / "images" / job_id / f"{n}.png"
+
+
+def input_file(outdir: Path, digest: str) -> Path:
+    """Where the server keeps an input image of a job, by the hash of its pixels (one file for equal ones)."""
+    return outdir / "inputs" / f"{digest}.png"
 
 
 class QueueFull(Exception):

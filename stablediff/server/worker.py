@@ -15,7 +15,7 @@ from pathlib import Path
 from stablediff import tasks
 from stablediff.errors import UserError, out_of_memory
 from stablediff.files import write_png
-from stablediff.server.store import Store
+from stablediff.server.store import Store, image_file, input_file
 
 log = logging.getLogger("stablediff.server")
 
@@ -244,18 +244,18 @@ class Worker:
 
         if ref is None:
             return None
-        with Image.open(self.outdir / "inputs" / f"{ref}.png") as image:
+        with Image.open(input_file(self.outdir, ref)) as image:
             return image.convert("RGB")
 
     def write(self, job, images) -> list[dict]:
         """The job's PNGs, each whole (renamed into place), exactly as the command line writes them."""
-        folder = self.outdir / "images" / job.id
+        folder = image_file(self.outdir, job.id, 0).parent
         if folder.is_dir():  # what a run cut short by a crash left (a temporary file): this run's result replaces it
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         out = []
         for n, image in enumerate(images):
-            write_png(image, folder / f"{n}.png", image.info.get("parameters"), durable=True)
+            write_png(image, image_file(self.outdir, job.id, n), image.info.get("parameters"), durable=True)
             out.append({"n": n, "seed": job.params["seed"] + n, "infotext": image.info.get("parameters", "")})
         return out
 
