@@ -26,9 +26,9 @@ function own(path) {
   return url;
 }
 
-export async function request(method, path, { body, headers = {}, signal, cache = "no-store" } = {}) {
+export async function request(method, path, { body, headers = {}, cache = "no-store" } = {}) {
   const t = token.get();
-  const init = { method, signal, cache, credentials: "omit", redirect: "error",
+  const init = { method, cache, credentials: "omit", redirect: "error",
                  headers: { ...(t ? { Authorization: `Bearer ${t}` } : {}), ...headers } };
   if (body instanceof FormData) init.body = body;
   else if (body !== undefined) {
@@ -39,7 +39,7 @@ export async function request(method, path, { body, headers = {}, signal, cache 
   try {
     response = await fetch(own(path), init);
   } catch (e) {
-    if (e.name === "AbortError" || e instanceof ApiError) throw e;
+    if (e instanceof ApiError) throw e;
     throw new ApiError(0, "the server cannot be reached: is `stablediff serve` still running?");
   }
   if (!response.ok) {
@@ -87,8 +87,8 @@ export const imageURL = async (path) => (await cached(path)).url;
 export const imageBlob = async (path) => (await cached(path)).blob;
 
 // Server-Sent Events read from a fetch stream (EventSource cannot send the token): yields {event, data}.
-export async function* events(path, signal) {
-  const response = await request("GET", path, { headers: { Accept: "text/event-stream" }, signal });
+export async function* events(path) {
+  const response = await request("GET", path, { headers: { Accept: "text/event-stream" } });
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {

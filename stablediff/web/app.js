@@ -8,7 +8,8 @@ const $ = (id) => document.getElementById(id);
 const form = $("job");
 // active: the user's queued and running jobs (the queue panel); pending: jobs sent from this page whose end it has
 // not shown yet (a fast job can end before the queue is next read)
-const state = { tasks: {}, models: [], lastSeed: null, watching: null, active: [], pending: [], historyPage: 1,
+// params: each parameter name of any task, once (its first task's entry)
+const state = { tasks: {}, params: new Map(), models: [], lastSeed: null, watching: null, active: [], pending: [], historyPage: 1,
                 queueTimer: null };
 const image = new ImageInput($("canvas-box"), $("source-canvas"), $("mask-canvas"), { onChange: showImageSize });
 const QUEUE_SIZE = 100, HISTORY_SIZE = 12; // jobs read for the queue panel; jobs a history page shows
@@ -85,14 +86,14 @@ $("sign-out").addEventListener("click", async () => {
 async function load(data, lists) {
   const [tasks, models, samplers, loras, embeddings] = await Promise.all(data);
   state.tasks = tasks;
+  for (const p of Object.values(tasks).flat()) if (!state.params.has(p.name)) state.params.set(p.name, p);
   state.models = models.models;
   fillSelect($("f-model"), models.models.map((m) => [m, m]));
   $("f-model").value = models.default;
   fillSelect($("f-sampler"), [["", "the model's own"], ...samplers.samplers.map((s) => [s.name, s.label])]);
   fillSelect($("f-schedule"), [["", "the sampler's own"], ...samplers.schedules.map((s) => [s.name, s.label])]);
   for (const name of ["fill", "resize_mode", "hires_upscaler"]) {
-    const p = Object.values(tasks).flat().find((q) => q.name === name);
-    fillSelect(form.elements[name], p.choices.map((c) => [c, c]));
+    fillSelect(form.elements[name], state.params.get(name).choices.map((c) => [c, c]));
   }
   fillSelect($("lora-pick"), loras.loras.length ? loras.loras.map((l) => [l.name, l.path]) : [["", "(none on this server)"]]);
   fillSelect($("embedding-pick"), embeddings.embeddings.length ? embeddings.embeddings.map((n) => [n, n])
@@ -118,7 +119,6 @@ function setSelect(select, value) {
 
 const task = () => form.elements.task.value;
 const spec = (name = task()) => state.tasks[name] || [];
-const param = (name) => spec().find((p) => p.name === name);
 
 // Parameters whose default differs between tasks stay empty (the task's own default, shown as the placeholder).
 function setDefaults() {
@@ -171,9 +171,7 @@ function read(p) {
   if (!input) return undefined;
   if (p.type === "bool") return input.checked;
   if (input.value === "") return undefined;
-  if (p.type === "int") return Number(input.value);
-  if (p.type === "float") return Number(input.value);
-  return input.value;
+  return p.type === "int" || p.type === "float" ? Number(input.value) : input.value;
 }
 
 function write(name, value) {
@@ -202,7 +200,7 @@ function jobRequest() {
 function fill(settings) {
   let note = "";
   if (settings.task && state.tasks[settings.task]) form.elements.task.value = settings.task;
-  for (const name of new Set(Object.values(state.tasks).flat().map((p) => p.name))) {
+  for (const name of state.params.keys()) {
     if (name in settings && settings[name] !== undefined) write(name, settings[name]);
   }
   if ("model" in settings && settings.model) {
@@ -219,9 +217,7 @@ function fill(settings) {
 
 function save() {
   const values = { task: task(), hires_on: $("hires-on").checked, last_seed: state.lastSeed };
-  for (const p of Object.values(state.tasks).flat()) {
-    if (p.type !== "image" && !(p.name in values)) values[p.name] = p.type === "tuple" ? extend() : read(p) ?? "";
-  }
+  for (const p of state.params.values()) if (p.type !== "image") values[p.name] = read(p) ?? "";
   values.model = $("f-model").value;
   localStorage.setItem(FORM_KEY, JSON.stringify(values));
 }
@@ -345,7 +341,7 @@ async function generate() {
   const body = jobRequest();
   const needs = spec().filter((p) => p.type === "image" && p.required).map((p) => p.name);
   if (needs.includes("image") && !image.blob) return showError("image", "choose an image first (or drop one here)");
-  if (task() === "inpaint" && !image.painted) return showError("image", "paint the mask: where the picture is to change");
+  if (task() === "inpaint" && !image.anyPainted) return showError("image", "paint the mask: where the picture is to change");
   let payload = body;
   if (needs.length) {
     payload = new FormData();

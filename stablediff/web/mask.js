@@ -7,7 +7,6 @@ export class ImageInput {
     this.blob = null; // the image as chosen (sent as it is)
     this.tool = "brush";
     this.size = 16;
-    this.painted = false;
     this.last = null;
     mask.addEventListener("pointerdown", (e) => this.down(e));
     mask.addEventListener("pointermove", (e) => this.move(e));
@@ -32,12 +31,6 @@ export class ImageInput {
     this.onChange();
   }
 
-  reset() {
-    this.blob = null;
-    this.box.hidden = true;
-    this.onChange();
-  }
-
   // A black and white mask image painted back onto the canvas (white: painted).
   async setMask(blob) {
     const bitmap = await createImageBitmap(blob);
@@ -47,16 +40,13 @@ export class ImageInput {
     const data = g.getImageData(0, 0, this.width, this.height);
     const out = this.mask.getContext("2d").createImageData(this.width, this.height);
     for (let i = 0; i < data.data.length; i += 4) {
-      const on = data.data[i] >= 128;
-      out.data.set(on ? [255, 255, 255, 255] : [0, 0, 0, 0], i);
-      this.painted ||= on;
+      out.data.set(data.data[i] >= 128 ? [255, 255, 255, 255] : [0, 0, 0, 0], i);
     }
     this.mask.getContext("2d").putImageData(out, 0, 0);
   }
 
   clear() {
     this.mask.getContext("2d").clearRect(0, 0, this.mask.width, this.mask.height);
-    this.painted = false;
   }
 
   point(e) {
@@ -91,14 +81,25 @@ export class ImageInput {
     g.beginPath(); // a click is a dot: a line of no length draws nothing
     g.arc(...to, this.size / 2, 0, 2 * Math.PI);
     g.fill();
-    if (this.tool === "brush") this.painted = true;
+  }
+
+  // The mask canvas's RGBA values: alpha 128 or more is painted (white in maskBlob).
+  pixels() {
+    return this.mask.getContext("2d").getImageData(0, 0, this.width, this.height).data;
+  }
+
+  // Whether anything is painted now (the eraser may have taken it all back).
+  get anyPainted() {
+    const alpha = this.pixels();
+    for (let i = 3; i < alpha.length; i += 4) if (alpha[i] >= 128) return true;
+    return false;
   }
 
   // The mask as the server takes it: a PNG, white where painted, black elsewhere (no soft edges: the blur is the
   // server's, by mask_blur).
   maskBlob() {
     const w = this.width, h = this.height;
-    const painted = this.mask.getContext("2d").getImageData(0, 0, w, h).data;
+    const painted = this.pixels();
     const out = new ImageData(w, h);
     for (let i = 0; i < painted.length; i += 4) {
       const v = painted[i + 3] >= 128 ? 255 : 0;
