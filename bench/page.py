@@ -12,14 +12,14 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from browsing import launch  # noqa: E402
-from report import machine, prepend  # noqa: E402
+from report import machine, percentile, prepend  # noqa: E402
+from server import submit, wait  # noqa: E402
 from serving import Server  # noqa: E402
 
 READY = """() => { const mark = (name) => performance.getEntriesByName(name)[0].startTime;
@@ -28,17 +28,12 @@ READY = """() => { const mark = (name) => performance.getEntriesByName(name)[0].
           requests: performance.getEntriesByType('resource').length}; }"""
 
 
-def percentile(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
 def fill_history(server: Server, jobs: int) -> None:
     with httpx.Client(base_url=server.url, auth=("bench", "bench"), timeout=60) as http:
-        ids = [http.post("/v1/jobs", json={"task": "txt2img", "prompt": f"a red circle {i}", "steps": 4, "seed": i})
-               .json()["id"] for i in range(jobs)]
-        while any(http.get(f"/v1/jobs/{i}").json()["state"] in ("queued", "running") for i in ids):
-            time.sleep(0.2)
+        ids = [submit(http, {"task": "txt2img", "prompt": f"a red circle {i}", "steps": 4, "seed": i})
+               for i in range(jobs)]
+        for job_id in ids:
+            wait(http, job_id)
 
 
 def main() -> None:

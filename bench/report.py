@@ -4,6 +4,7 @@ import datetime
 import gc
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +26,11 @@ def machine() -> str:
             + " with AMX" * torch.cpu._is_amx_tile_supported())
     return (f"{cpu} ({isa}), {os.cpu_count()} cores, {memory:.0f} GiB{gpu}; Python {platform.python_version()}, "
             f"torch {torch.__version__}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (1 to 99), interpolated between the two nearest values."""
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
 def append(title: str, lines: list[str]) -> None:

@@ -9,7 +9,6 @@ Puts a section at the top of BENCHMARKS.md.
 """
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from report import machine, prepend  # noqa: E402
+from report import machine, percentile, prepend  # noqa: E402
 from serving import Server  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
@@ -115,10 +114,6 @@ def latencies(server: Server, body: dict, clients: int = 10, each: int = 3) -> l
     for t in threads:
         t.join()
     return out
-
-
-def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
 def run_model(label: str, model: Path | None, body: dict, precision: str, n: int, tmp: Path) -> list[str]:

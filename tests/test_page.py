@@ -1,10 +1,8 @@
 """The page at / of `stablediff serve`, driven in Debian's chromium by Playwright against a real server on a loopback
 port: signing in, generating, the queue, inpainting, restoring settings, the history across a restart, safety."""
 import io
-import json
 import os
 import re
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from browsing import drop_file, have_chromium, launch, shown_image
 from serving import Server
+from test_server import wait_state
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
@@ -143,16 +142,11 @@ def newest(http, state="done"):
     return job
 
 
-def api_image(http, body, files=None) -> tuple[dict, Image.Image]:
+def api_image(http, body) -> tuple[dict, Image.Image]:
     """The same job through the API (httpx), and its first image."""
-    r = http.post("/v1/jobs", json=body) if files is None else \
-        http.post("/v1/jobs", data={"request": json.dumps(body)}, files=files)
+    r = http.post("/v1/jobs", json=body)
     assert r.status_code == 202, r.text
-    job_id = r.json()["id"]
-    deadline = time.monotonic() + 120
-    while (job := http.get(f"/v1/jobs/{job_id}").json())["state"] in ("queued", "running"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    job = wait_state(http, f"/v1/jobs/{r.json()['id']}")
     assert job["state"] == "done", job
     return job, Image.open(io.BytesIO(http.get(job["images"][0]["url"]).content))
 
