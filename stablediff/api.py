@@ -1,4 +1,5 @@
 """The Python API: `StableDiffusion.load(path)` then `.txt2img(...)`."""
+import functools
 import random
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -30,9 +31,11 @@ from stablediff.names import parse_sampler
 from stablediff.pipelines import img2img as image_pipelines
 from stablediff.pipelines.common import fit as common_fit
 from stablediff.pipelines.depth import NO_DEPTH_SOURCE, depth_from_image, estimate_depth
+from stablediff.pipelines.finish import Screen, finish
 from stablediff.pipelines.hires import Hires
 from stablediff.pipelines.txt2img import txt2img as run_txt2img
 from stablediff.pipelines.upscale import upscale as upscale_pipeline
+from stablediff.safety import check_watermark_text
 
 
 # the small model trained here on drawn shapes (stablediff train; see the README): the default model
@@ -120,6 +123,28 @@ def _sampling(model: "StableDiffusion", steps: int, sampler: str | None, schedul
                 subseed=subseed, subseed_strength=subseed_strength)
 
 
+def _finished(method):
+    """An image method whose images go through the model's safety checker and watermark, where it has them."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        return finish(method(self, *args, **kwargs), self.screen, self.watermark)
+    return run
+
+
+def load_screen(model_path: Path, checker: str | Path | bool, device: torch.device, dtype: torch.dtype,
+                unsafe_pickle: bool = False) -> Screen:
+    """The safety checker: `checker` a path, or True for the model folder's own safety_checker/. It runs in fp32 on
+    a CPU (a small part of a render's work; the scores as diffusers computes them), else in the model's dtype."""
+    from stablediff.checkpoints.safety_checker import NO_CHECKER, load
+
+    if checker is True:
+        if not model_path.is_dir():
+            raise UserError(f"{model_path} is a single file, which carries no safety checker; {NO_CHECKER}")
+        checker = model_path
+    dtype = torch.float32 if device.type == "cpu" else dtype
+    return Screen(*load(Path(checker), device, dtype, unsafe_pickle))
+
+
 def _image(image: Image.Image | str | Path, mode: str = "RGB") -> Image.Image:
     return load_image(image, mode) if isinstance(image, (str, Path)) else image.convert(mode)
 
@@ -149,12 +174,15 @@ class StableDiffusion:
     loras: tuple[LoraUse, ...] = ()  # merged into every render, with those the prompt names
     sampling: dict = field(default_factory=lambda: dict(SAMPLING))  # sampler and scale when a call names none
     max_pixels: int = checks.MAX_PIXELS  # the largest image (width x height) a call may ask for
+    screen: Screen | None = None  # the safety checker: a flagged image is returned black, info["nsfw"] True
+    watermark: str | None = None  # text embedded invisibly in every image (invisible-watermark's dwtDct)
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "auto", dtype: str | torch.dtype | None = None, *,
              config: str | Path | None = None, vae: str | Path | None = None, use_ema: bool = True,
              prediction: str | None = None, unsafe_pickle: bool = False, embeddings_dir: str | Path | None = None,
-             lora_dir: str | Path | None = None, loras=(), compile: bool = False) -> "StableDiffusion":
+             lora_dir: str | Path | None = None, loras=(), compile: bool = False,
+             safety_checker: str | Path | bool | None = None, watermark: str | None = None) -> "StableDiffusion":
         """Load a .safetensors/.ckpt checkpoint or a diffusers folder (None: the shipped demo model) onto `device`
         in `dtype` (fp32, fp16, bf16).
 
@@ -164,11 +192,16 @@ class StableDiffusion:
         compile: torch.compile the UNet. Its first step at each image size then takes minutes (2 to 3 on a
         2-core CPU); there the compiled steps measured no faster than eager ones, in fp32 and in bf16, so it is
         for GPUs (BENCHMARKS.md).
+        safety_checker: screen every image with the Stable Diffusion safety checker (a path, or True for the model
+        folder's own); watermark: embed this text invisibly in every image (needs stablediff[watermark]).
         """
         path = Path(path) if path is not None else DEMO_MODEL
         loras = lora_uses(loras)  # a missing file fails before the model is read
+        if watermark is not None:
+            check_watermark_text(watermark)  # it, and the library, fail before the model is read
         dev = resolve_device(device) if isinstance(device, str) else device
         dt = resolve_dtype(dtype, dev)
+        screen = None if safety_checker in (None, False) else load_screen(path, safety_checker, dev, dt, unsafe_pickle)
         spec = read_spec(path, config, use_ema, prediction, unsafe_pickle, vae)
         if "sampler" in spec.sampling:  # a bad name in the model's config fails here, not at the first render
             try:
@@ -191,7 +224,7 @@ class StableDiffusion:
                    low_res_schedule=spec.low_res_schedule,
                    embeddings=EmbeddingLibrary(embeddings_dir) if embeddings_dir is not None else None,
                    lora_dir=Path(lora_dir) if lora_dir is not None else None, sampling={**SAMPLING, **spec.sampling},
-                   **built).use_loras(loras)
+                   screen=screen, watermark=watermark, **built).use_loras(loras)
 
     def __post_init__(self):
         self._denoiser = Denoiser(self.unet, self.schedule)
@@ -225,6 +258,7 @@ class StableDiffusion:
             checks.check_prompt(text, f"{'prompt' if i < len(prompts) else 'negative prompt'} {i % len(prompts) + 1}")
         return prompts, negatives, checks.check_seed_list(seeds)
 
+    @_finished
     def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int = 20,
                 sampler: str | None = None, schedule: str | None = None, scale: float | None = None,
                 eta: float | None = None, clip_skip: int = 1, width: int | None = None, height: int | None = None,
@@ -242,6 +276,7 @@ class StableDiffusion:
                            height=height or self.native_size, hires=hires, callback=callback,
                            **_sampling(self, steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
 
+    @_finished
     def img2img(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
                 strength: float = 0.75, steps: int = 20, sampler: str | None = None, schedule: str | None = None,
                 scale: float | None = None, eta: float | None = None, clip_skip: int = 1, width: int | None = None,
@@ -257,6 +292,7 @@ class StableDiffusion:
                                        width=w, height=h, resize_mode=resize_mode, callback=callback,
                                        **_sampling(self, steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
 
+    @_finished
     def depth2img(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "",
                   *, depth_map: Image.Image | str | Path | None = None, depth_model: str | Path | None = None,
                   strength: float = 0.8, steps: int = 20, sampler: str | None = None, schedule: str | None = None,
@@ -280,6 +316,7 @@ class StableDiffusion:
                                        depths=[depth] * len(prompts),
                                        **_sampling(self, steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
 
+    @_finished
     def inpaint(self, image: Image.Image | str | Path, mask: Image.Image | str | Path, prompt: str | list[str],
                 negative_prompt: str | list[str] = "", *, strength: float = 1.0, fill: str = "original",
                 mask_blur: int = 4, invert_mask: bool = False, only_masked: bool = False, padding: int = 32,
@@ -306,6 +343,7 @@ class StableDiffusion:
         mask_image = ImageOps.invert(mask_image) if invert_mask else mask_image
         return image_pipelines.only_masked(run, base, mask_image, padding, mask_blur)
 
+    @_finished
     def upscale(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
                 noise_level: int = 20, tile: int = 128, overlap: int = 32, steps: int = 20,
                 sampler: str | None = None, schedule: str | None = None, scale: float = 9.0,
@@ -321,6 +359,7 @@ class StableDiffusion:
                                 tile=tile, overlap=overlap, callback=callback,
                                 **_sampling(self, steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
 
+    @_finished
     def outpaint(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "",
                  *, extend: tuple[int, int, int, int] = (0, 0, 0, 0), mask_blur: int = 8, fill: str = "original",
                  steps: int = 20, sampler: str | None = None, schedule: str | None = None, scale: float | None = None,

@@ -48,6 +48,20 @@ def _add_model_flags(p, vae_help: str) -> None:
                    help="read pickles with the full unpickler: code inside the file can run; only for files you trust")
 
 
+def _add_finish_flags(p, who: str) -> None:
+    p.add_argument("--safety-checker", nargs="?", const=True, default=None, metavar="PATH",
+                   help=f"screen {who} with the Stable Diffusion safety checker: a flagged image is written black and "
+                        "said to be; PATH: a diffusers folder with safety_checker/, that folder, or its .safetensors "
+                        "(none: the model folder's own). Off by default. Give PATH as --safety-checker=PATH before a prompt")
+    p.add_argument("--watermark", nargs="?", const="StableDiffusionV1", default=None, metavar="TEXT",
+                   help=f"embed TEXT invisibly in {who} as CompVis' script does (default StableDiffusionV1; images of "
+                        "256x256 or more; needs stablediff[watermark]); `stablediff watermark IMG` reads it. Off by default")
+
+
+def _finish_kwargs(args) -> dict:
+    return {"safety_checker": args.safety_checker, "watermark": args.watermark}
+
+
 def _load_kwargs(args) -> dict:
     return {"config": args.config, "vae": args.vae, "use_ema": not args.no_ema, "prediction": args.prediction,
             "unsafe_pickle": args.unsafe_pickle}
@@ -129,6 +143,7 @@ def _add_generation(sub, name: str, help_text: str, description: str):
     p.add_argument("--from-png", metavar="PNG",
                    help="take the prompt and settings from a PNG's parameters (ours or AUTOMATIC1111's); flags given "
                         "as well win over them")
+    _add_finish_flags(p, "every image")
     _add_model_flags(p, "a separate VAE file (CompVis or diffusers layout) to decode and encode with")
     return p
 
@@ -216,6 +231,16 @@ def _add_eval(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
 
 
+def _add_watermark(sub) -> None:
+    p = sub.add_parser("watermark", help="read the invisible watermark of images",
+                       description="Read the invisible watermark (invisible-watermark's dwtDct, as CompVis' scripts and "
+                                   "--watermark embed it). Exit status 1 when an image does not hold the text.")
+    p.add_argument("images", nargs="+", metavar="IMG", help="the images to read")
+    p.add_argument("--text", default="StableDiffusionV1", help="the text to look for (default StableDiffusionV1)")
+    p.add_argument("--length", type=int, default=None, metavar="BYTES",
+                   help="read this many bytes whatever they are, instead of looking for --text")
+
+
 def _add_serve(sub) -> None:
     from stablediff.server.jobs import Limits
 
@@ -240,6 +265,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--embeddings-dir", help="the textual inversion files prompts may name")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="autocast", choices=("autocast", "full", "fp32", "fp16", "bf16"))
+    _add_finish_flags(p, "every image of every job (users cannot turn it off)")
     limits = Limits()
     for flag, name, help_text in (("--max-queue", "max_queued", "jobs waiting in all"),
                                   ("--max-queue-per-user", "max_queued_per_user", "jobs waiting per user"),
@@ -271,7 +297,10 @@ def serve(args) -> None:
                         "stablediff again") from None
     config, host = _server_config(args)
     print(f"stablediff: serving {config.model.name} on http://{host}:{args.port} (open it in a browser; API docs at "
-          "/docs)", file=sys.stderr)
+          "/docs)" + ("; every image screened by the safety checker" if config.safety_checker else ""), file=sys.stderr)
+    if config.safety_checker is None and config.users.enabled:
+        print("stablediff: note: other people can use this server and its images are not screened: "
+              "--safety-checker PATH screens them (see the README)", file=sys.stderr)
     uvicorn.run(create_app(config), host=host, port=args.port, log_level="warning")
 
 
@@ -306,7 +335,25 @@ def _server_config(args):
     return ServerConfig(model=model, outdir=Path(args.outdir), state=folder(args.state), models_dir=folder(args.models_dir),
                         lora_dir=folder(args.lora_dir), embeddings_dir=folder(args.embeddings_dir), device=args.device,
                         dtype=args.precision, users=users, cors_origins=tuple(args.cors_allow_origins),
-                        limits=limits), host
+                        limits=limits, safety_checker=_server_checker(args, model), watermark=args.watermark), host
+
+
+def _server_checker(args, model: Path) -> Path | None:
+    """The one safety checker for every model of the server: as given, or the default model folder's own; the
+    watermark library is there if it is asked for. Checked before the server starts."""
+    from stablediff.safety import check_watermark_text
+
+    if args.watermark is not None:
+        check_watermark_text(args.watermark)
+    if args.safety_checker is None:
+        return None
+    path = model if args.safety_checker is True else Path(args.safety_checker)
+    if args.safety_checker is True and not (model / "safety_checker").is_dir():
+        raise UserError(f"--safety-checker: the model {model} has no safety_checker/ folder; give its path, "
+                        "--safety-checker=PATH (a diffusers folder with safety_checker/, that folder, or its .safetensors)")
+    if not path.exists():
+        raise UserError(f"--safety-checker {path}: not found")
+    return path
 
 
 def _guidance_interval_flag(p: argparse.ArgumentParser) -> None:
@@ -336,6 +383,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     _add_train(sub)
     _add_eval(sub)
     _add_serve(sub)
+    _add_watermark(sub)
     args = parser.parse_args(argv)
     if getattr(args, "from_png", None):  # the PNG's settings become defaults, so flags given still win
         sub.choices[args.command].set_defaults(**png_defaults(args.from_png, args.command))
@@ -525,13 +573,17 @@ def _read_images(args) -> dict:
     return images
 
 
-def _check_size(args, images: dict) -> None:
-    """The images the command will make, within --max-pixels (sizes the model decides are checked once it loads)."""
+def _check_size(args, images: dict, native: int | None = None) -> None:
+    """The images the command will make, within --max-pixels and large enough for --watermark; txt2img's default size
+    is the model's (`native`, once it is loaded)."""
+    from stablediff.safety import check_watermark_size
+
     sizes = []
-    if args.command == "txt2img" and args.W and args.H:
-        sizes.append((args.W, args.H))
+    if args.command == "txt2img" and ((args.W and args.H) or native):
+        w, h = args.W or native, args.H or native
+        sizes.append((w, h))
         if hires := _hires(args):
-            sizes.append(hires.size(args.W, args.H))
+            sizes.append(hires.size(w, h))
     elif "init" in images:
         w, h = images["init"].size
         if args.command == "upscale":
@@ -543,6 +595,8 @@ def _check_size(args, images: dict) -> None:
             sizes.append((args.W or w // 8 * 8, args.H or h // 8 * 8))
     for width, height in sizes:
         checks.check_pixels(width, height, args.max_pixels)
+    if args.watermark is not None and sizes:
+        check_watermark_size(*sizes[-1])
 
 
 def _output_folder(outdir: str) -> Path:
@@ -585,13 +639,19 @@ def generate(args) -> None:
     _check_size(args, images)
     samples_dir = _output_folder(args.outdir)
     model = _load_for(args, prompts)
+    if args.command == "txt2img" and not (args.W and args.H):
+        _check_size(args, images, model.native_size)
     _set_guidance_interval(model, interval)
     print(f"seed: {seed}", file=sys.stderr)
     made = _render_all(model, args, images, prompts, seed, samples_dir)
     grid = None
     if not args.skip_grid:
-        grid = write_png(make_grid(made, args.n_rows or args.n_samples), None, made[0].info.get("parameters"),
-                        samples_dir.parent, "grid-{:04d}.png")
+        grid = make_grid(made, args.n_rows or args.n_samples)
+        if args.watermark is not None:  # as CompVis' script marks its grids
+            from stablediff.safety import stamp
+
+            grid = stamp(grid, args.watermark)
+        grid = write_png(grid, None, made[0].info.get("parameters"), samples_dir.parent, "grid-{:04d}.png")
     print(f"wrote {0 if args.skip_save else len(made)} image(s) to {samples_dir}" +
           ("" if grid is None else f" and a grid to {grid}"), file=sys.stderr)
 
@@ -605,7 +665,7 @@ def _load_for(args, prompts: list[str]):
         take_tags(prompt, Path(args.lora_dir) if args.lora_dir else None)
     model = StableDiffusion.load(args.model, device=args.device, dtype="bf16" if args.bf16 else args.precision,
                                  embeddings_dir=args.embeddings_dir, lora_dir=args.lora_dir, loras=args.lora,
-                                 compile=args.compile, **_load_kwargs(args))
+                                 compile=args.compile, **_finish_kwargs(args), **_load_kwargs(args))
     model.max_pixels = args.max_pixels
     if args.f is not None and args.f != model.vae_scale:
         raise UserError(f"--f {args.f}: this model's VAE downsamples by {model.vae_scale}")
@@ -623,11 +683,45 @@ def _render_all(model, args, images: dict, prompts: list[str], seed: int, sample
     for batch_prompts, seeds in batches(prompts, args, seed):
         with tqdm(total=steps, unit="step", desc="sampling", leave=False) as bar:
             batch = _render(model, args, images, batch_prompts, seeds, lambda *_: bar.update(1))
-        for image in batch:
-            if not args.skip_save:
-                write_png(image, None, image.info.get("parameters"), samples_dir, "{:05d}.png")
+        for i, image in enumerate(batch):
+            path = None if args.skip_save else write_png(image, None, image.info.get("parameters"), samples_dir, "{:05d}.png")
+            _note_finish(image, path, len(made) + i + 1)
         made += batch
     return made
+
+
+def _note_finish(image, path: Path | None, number: int) -> None:
+    """What the safety checker and the watermark did to an image, where it is worth a line."""
+    from stablediff.safety import FLAGGED
+
+    which = f"{path}" if path is not None else f"image {number}"
+    if image.info.get("nsfw"):
+        print(f"stablediff: {which}: {FLAGGED}; written black", file=sys.stderr)
+    if image.info.get("watermark") is False:
+        print(f"stablediff: note: {which}: the watermark does not read back from this image (the library's dwtDct "
+              "fails on large flat or saturated areas)", file=sys.stderr)
+
+
+def watermark(args) -> int:
+    """Read the invisible watermark of each image: 0 when every one holds the text, 1 otherwise."""
+    from stablediff.safety import read_watermark
+
+    if args.length is not None and args.length < 1:
+        raise UserError(f"--length {args.length}: give a number of bytes, at least 1")
+    if not args.text and not args.length:
+        raise UserError("--text is empty: give the text to look for, or --length N to read N bytes")
+    missing = 0
+    for name in args.images:
+        image = load_image(name)
+        found = read_watermark(image, args.length or len(args.text.encode("utf-8")))
+        if args.length:
+            print(f"{name}: {found.decode('utf-8', errors='replace')!r}")
+        elif found == args.text.encode("utf-8"):
+            print(f"{name}: watermark {args.text!r}")
+        else:
+            missing += 1
+            print(f"{name}: no {args.text!r} watermark (read {found.decode('utf-8', errors='replace')!r})")
+    return 1 if missing else 0
 
 
 def convert(args) -> None:
@@ -712,8 +806,9 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        commands = {"convert": convert, "info": info, "train": train, "eval-demo": eval_demo, "serve": serve}
-        commands.get(args.command, generate)(args)
+        commands = {"convert": convert, "info": info, "train": train, "eval-demo": eval_demo, "serve": serve,
+                    "watermark": watermark}
+        status = commands.get(args.command, generate)(args)
         sys.stdout.flush()
     except UserError as e:
         print(f"stablediff: error: {e}", file=sys.stderr)
@@ -732,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"stablediff: error: {line}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

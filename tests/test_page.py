@@ -463,3 +463,26 @@ def test_errors_name_their_field(http):
                         ({"batch_size": 9}, "batch_size"), ({"prompt": "<lora:missing:1>"}, "prompt")]:
         r = http.post("/v1/jobs", json={"task": "txt2img", **body})
         assert r.status_code == 400 and r.json()["field"] == field, (body, r.text)
+
+
+def test_images_the_safety_checker_flagged_are_said_to_be(browser, tmp_path):
+    from test_safety import fixed_checker
+
+    checker = fixed_checker(tmp_path / "checker", -2.0)  # flags every image
+    with Server(tmp_path / "out", f"--safety-checker={checker}") as server:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        try:
+            page = context.new_page()
+            page.goto(server.url + "/")
+            ready(page)  # a loopback server without users: no sign-in
+            form(page, prompt=PROMPT, steps=2, seed=3)
+            page.locator("#size-preset").select_option("64x64")
+            images = generate(page)
+            page.get_by_text("Done: 1 image(s), 1 flagged by the safety checker (shown black).").wait_for()
+            assert not pixels(shown_image(images.first)).any()
+            note = page.locator("#results p.flagged")
+            assert note.text_content() == "flagged by the safety checker: the image was replaced by a black one"
+            images.first.click()
+            assert page.locator("#viewer-info").text_content().startswith("flagged by the safety checker")
+        finally:
+            context.close()

@@ -29,17 +29,17 @@ _ACTS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
 
 
 class ClipAttention(nn.Module):
-    def __init__(self, cfg: ClipTextConfig):
+    def __init__(self, cfg, causal: bool):
         super().__init__()
-        self.heads = cfg.heads
+        self.heads, self.causal = cfg.heads, causal
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Linear(cfg.width, cfg.width) for _ in range(4))
 
     def forward(self, x):
-        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True))
+        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=self.causal))
 
 
 class ClipMLP(nn.Module):
-    def __init__(self, cfg: ClipTextConfig):
+    def __init__(self, cfg):
         super().__init__()
         self.act = _ACTS[cfg.act]
         self.fc1 = Linear(cfg.width, cfg.intermediate)
@@ -50,9 +50,12 @@ class ClipMLP(nn.Module):
 
 
 class ClipLayer(nn.Module):
-    def __init__(self, cfg: ClipTextConfig):
+    """A pre-norm transformer layer; `cfg` is a text or vision config (width, heads, intermediate, act, eps). The
+    text tower's attention is causal, the vision tower's is not."""
+
+    def __init__(self, cfg, causal: bool = True):
         super().__init__()
-        self.self_attn = ClipAttention(cfg)
+        self.self_attn = ClipAttention(cfg, causal)
         self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.mlp = ClipMLP(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
@@ -74,9 +77,9 @@ class ClipEmbeddings(nn.Module):
 
 
 class ClipEncoder(nn.Module):
-    def __init__(self, cfg: ClipTextConfig):
+    def __init__(self, cfg, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList(ClipLayer(cfg) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(ClipLayer(cfg, causal) for _ in range(cfg.layers))
 
 
 class ClipTextModel(nn.Module):

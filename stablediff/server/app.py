@@ -38,6 +38,8 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     preview_every: int = 2
+    safety_checker: Path | None = None  # every image of every job is screened with it
+    watermark: str | None = None  # and watermarked with this text
 
 
 def create_app(config: ServerConfig) -> FastAPI:
@@ -45,10 +47,11 @@ def create_app(config: ServerConfig) -> FastAPI:
     models = find_models(config.model, config.models_dir)
     changes = Changes()
     worker = Worker(store, config.outdir, models, device=config.device, dtype=config.dtype, lora_dir=config.lora_dir,
-                    embeddings_dir=config.embeddings_dir, max_batch=config.limits.max_batch,
+                    embeddings_dir=config.embeddings_dir, safety_checker=config.safety_checker,
+                    watermark=config.watermark, max_batch=config.limits.max_batch,
                     max_pixels=config.limits.max_pixels, preview_every=config.preview_every, on_change=changes.notify)
     svc = Services(store, worker, config.outdir, models, config.limits, config.lora_dir, config.embeddings_dir,
-                   default_model=config.model.name, models_dir=config.models_dir,
+                   default_model=config.model.name, models_dir=config.models_dir, watermark=config.watermark,
                    settings={"CLIP_stop_at_last_layers": store.setting("CLIP_stop_at_last_layers", 1)}, changes=changes)
 
     @asynccontextmanager

@@ -17,6 +17,7 @@ from stablediff import checks, tasks
 from stablediff.adapters.files import embedding_files, lora_file, lora_files
 from stablediff.errors import UserError, about
 from stablediff.files import write_atomic
+from stablediff.safety import FLAGGED, check_watermark_size
 from stablediff.server.auth import User
 from stablediff.server.store import FINAL, Job, Store, image_file, input_file
 
@@ -87,6 +88,7 @@ class Services:
     embeddings_dir: Path | None = None
     default_model: str = ""
     models_dir: Path | None = None
+    watermark: str | None = None  # every image is watermarked: it must be large enough
     settings: dict = field(default_factory=dict)  # AUTOMATIC1111's options that apply to every job (clip skip)
     changes: Changes = field(default_factory=Changes)
 
@@ -179,6 +181,7 @@ def submit(svc: Services, user: User, body: dict, uploads: dict | None = None) -
                                         "the server's --max-pixels")
     params = tasks.validate(task, body, svc.limits.max_pixels)
     _check_limits(params, svc.limits)
+    _check_watermark(svc, params)
     with about("prompt"):
         loras = _check_loras(svc, params["prompt"], params["negative_prompt"])
     _keep_inputs(svc, inputs)  # only once every check has passed: a refused request leaves no file
@@ -217,6 +220,20 @@ def _check_limits(p: dict, limits: Limits) -> None:
                                 "the server's --max-pixels")
 
 
+def _check_watermark(svc: Services, p: dict) -> None:
+    """Where the server watermarks, a txt2img job's images are large enough for it (other sizes are the inputs' and
+    are checked as the job runs)."""
+    if svc.watermark is None or not (p.get("width") and p.get("height")) or "extend" in p or "noise_level" in p:
+        return
+    size = (p["width"], p["height"])
+    if p.get("hires_scale"):
+        from stablediff.pipelines.hires import Hires
+
+        size = Hires(p["hires_scale"]).size(*size)
+    with about("width"):
+        check_watermark_size(*size)
+
+
 def batch_key(task: str, params: dict, loras: list[str]) -> str:
     """Jobs of equal keys can share one UNet batch: everything but the prompts, seeds and image counts is equal."""
     if params["subseed_strength"]:  # variation seeds count on across a batch's images: such a job renders alone
@@ -251,10 +268,20 @@ def describe(svc: Services, job: Job, base: str = "/v1") -> dict:
     return {"id": job.id, "task": job.task, "state": job.state, "position": svc.store.position(job),
             "progress": progress, "eta_seconds": eta_seconds(job), "error": job.error, "model": job.params.get("model"),
             "created": job.created, "started": job.started, "finished": job.finished,
-            "images": [{"url": f"{base}/images/{job.id}/{im['n']}.png", "seed": im["seed"], "infotext": im["infotext"]}
-                       for im in job.images],
+            "images": [image_entry(im, f"{base}/images/{job.id}/{im['n']}.png") for im in job.images],
             "inputs": {k: f"{base}/jobs/{job.id}/inputs/{k}.png" for k in images if job.params.get(k)},
             "params": {k: v for k, v in job.params.items() if k not in images}}
+
+
+def image_entry(im: dict, url: str) -> dict:
+    """One image of a job as the API gives it: where it is, its seed and infotext, and, where the server screens or
+    watermarks, whether the safety checker flagged it (then it is black, and `warning` says so) and whether the
+    watermark reads back from it (null: not screened, not watermarked)."""
+    entry = {"url": url, "seed": im["seed"], "infotext": im["infotext"], "nsfw_content_detected": im.get("nsfw"),
+             "watermark": im.get("watermark")}
+    if im.get("nsfw"):
+        entry["warning"] = f"{FLAGGED}: the image was replaced by a black one"
+    return entry
 
 
 def cancel(svc: Services, user: User, job_id: str) -> str:

@@ -83,7 +83,8 @@ def _info(svc, job) -> dict:
             "denoising_strength": p.get("strength", p.get("hires_denoise")), "extra_generation_params": {},
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "job_timestamp":
             time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)), "clip_skip": p["clip_skip"],
-            "is_using_inpainting_conditioning": False, "version": f"stablediff {__version__}", "job_id": job.id}
+            "is_using_inpainting_conditioning": False, "version": f"stablediff {__version__}", "job_id": job.id,
+            "nsfw_content_detected": [im.get("nsfw") for im in job.images]}
 
 
 @router.post("/txt2img")

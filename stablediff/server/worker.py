@@ -55,9 +55,10 @@ def preview_png(latent) -> bytes:
 class Worker:
     def __init__(self, store: Store, outdir: Path, models: dict[str, Path], *, device: str = "auto",
                  dtype: str | None = None, lora_dir: Path | None = None, embeddings_dir: Path | None = None,
-                 max_batch: int = 4, max_pixels: int, preview_every: int = 2, on_change=lambda job_ids: None):
+                 safety_checker: Path | None = None, watermark: str | None = None, max_batch: int = 4, max_pixels: int, preview_every: int = 2, on_change=lambda job_ids: None):
         self.store, self.outdir, self.models, self.on_change = store, outdir, models, on_change
-        self.load_options = dict(device=device, dtype=dtype, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
+        self.load_options = dict(device=device, dtype=dtype, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+                                 safety_checker=safety_checker, watermark=watermark)
         self.max_batch, self.max_pixels, self.preview_every = max_batch, max_pixels, preview_every
         self.live: dict[str, Live] = {}
         self.loaded: tuple[str, object] | None = None
@@ -256,7 +257,8 @@ class Worker:
         out = []
         for n, image in enumerate(images):
             write_png(image, image_file(self.outdir, job.id, n), image.info.get("parameters"), durable=True)
-            out.append({"n": n, "seed": job.params["seed"] + n, "infotext": image.info.get("parameters", "")})
+            out.append({"n": n, "seed": job.params["seed"] + n, "infotext": image.info.get("parameters", ""),
+                        **{k: image.info[k] for k in ("nsfw", "watermark") if k in image.info}})
         return out
 
     def memory(self) -> dict:

@@ -449,7 +449,9 @@ async function showResult(job) {
   if (job.state === "done") {
     state.lastSeed = job.images.length ? job.images[0].seed : state.lastSeed;
     save();
-    $("result-note").textContent = `Done: ${job.images.length} image(s).`;
+    const flagged = job.images.filter((im) => im.nsfw_content_detected).length;
+    $("result-note").textContent = `Done: ${job.images.length} image(s)` +
+      (flagged ? `, ${flagged} flagged by the safety checker (shown black).` : ".");
     $("results").replaceChildren(...await Promise.all(job.images.map((im) => thumb(job, im))));
   } else {
     $("result-note").textContent = job.state === "failed" ? `The job failed: ${job.error}` : "Cancelled.";
@@ -468,7 +470,8 @@ async function thumb(job, im) {
   await img.decode().catch(() => {}); // shown when it is put in, not a moment later
   const button = el("button", { type: "button", className: "thumb", ariaLabel: `Open the image of seed ${im.seed}`,
                                 onclick: guarded(() => view(job, im)) }, img);
-  return el("li", {}, button);
+  // the server's safety checker replaced it by a black image: said, not left to look like a failed render
+  return el("li", {}, button, ...(im.nsfw_content_detected ? [el("p", { className: "flagged", textContent: im.warning })] : []));
 }
 
 async function showHistory(page, read = null) {
@@ -501,7 +504,7 @@ async function view(job, im) {
   const url = await api.imageURL(im.url);
   $("viewer-image").src = url;
   $("viewer-image").alt = job.params.prompt || "image";
-  $("viewer-info").textContent = im.infotext;
+  $("viewer-info").textContent = im.nsfw_content_detected ? `${im.warning}\n\n${im.infotext}` : im.infotext;
   $("viewer-download").href = url;
   $("viewer-download").download = `${job.id}-${im.url.split("/").pop()}`;
   $("viewer").showModal();
