@@ -216,6 +216,39 @@ def _add_train(sub) -> None:
                        help=f"{Settings.help(f.name)} (default {f.default})")
 
 
+def _add_finetune(sub) -> None:
+    from dataclasses import fields
+
+    from stablediff.train.settings import FINETUNE_HELP, FinetuneSettings
+
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint on your pictures: a LoRA (kohya's layout)",
+                       description="Train a LoRA over --model on the pictures of --images (NAME.txt captions beside them, "
+                                   "N_name folders repeated N times, or --instance-prompt), and write it as one "
+                                   ".safetensors in kohya's layout with its ss_* metadata, for --lora here and for "
+                                   "AUTOMATIC1111, ComfyUI and diffusers. Rerun the same command to resume.")
+    p.add_argument("out", help="the LoRA .safetensors to write (must not exist)")
+    p.add_argument("--model", "--ckpt", required=True, help="the checkpoint to fine-tune: a .safetensors/.ckpt file "
+                                                            "or a diffusers folder")
+    p.add_argument("--images", required=True, help="the folder of pictures")
+    p.add_argument("--method", choices=("lora",), default="lora",
+                   help="what to train: lora (DreamBooth and textual inversion are not written yet)")
+    p.add_argument("--work-dir", help="checkpoints, to resume from (default: OUT-work beside OUT)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    for f in fields(FinetuneSettings):
+        if f.name == "method":
+            continue
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=FINETUNE_HELP[f.name])
+            continue
+        kind = {"instance_prompt": str, "epochs": int, "min_snr_gamma": number}.get(
+            f.name, number if isinstance(f.default, float) else type(f.default))
+        choices = {"precision": ("auto", "bf16", "fp32"), "schedule": ("constant", "cosine")}.get(f.name)
+        p.add_argument(flag, type=kind, default=f.default, choices=choices,
+                       help=f"{FINETUNE_HELP[f.name]} (default {f.default})")
+    _add_model_flags(p, "a separate VAE file to encode the pictures with")
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval-demo", help="judge the demo model's pictures of held-out prompts by their pixels",
                        description="Render held-out prompts and report per-attribute accuracy (background, colour, "
@@ -381,6 +414,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     _add_convert(sub)
     _add_info(sub)
     _add_train(sub)
+    _add_finetune(sub)
     _add_eval(sub)
     _add_serve(sub)
     _add_watermark(sub)
@@ -765,6 +799,24 @@ def train(args) -> None:
           file=sys.stderr)
 
 
+def finetune(args) -> None:
+    from dataclasses import fields
+
+    from stablediff.devices import resolve_device
+    from stablediff.train.finetune import finetune as run
+    from stablediff.train.settings import FinetuneSettings
+
+    settings = FinetuneSettings(**{f.name: getattr(args, f.name) for f in fields(FinetuneSettings)})
+    out = Path(args.out)
+    work = Path(args.work_dir) if args.work_dir else out.with_name(out.stem + "-work")
+    summary = run(Path(args.model), Path(args.images), out, work, settings, resolve_device(args.device),
+                  _load_kwargs(args))
+    loss = summary["losses"][-50:]
+    print(f"wrote {out} ({summary['layers']} layers, {summary['parameters']:,} parameters; {summary['steps']} steps, "
+          f"the last {len(loss)} steps' mean loss {sum(loss) / max(1, len(loss)):.4f}; {summary['seconds']:.0f} s); "
+          f"checkpoints stay in {work}", file=sys.stderr)
+
+
 def eval_demo(args) -> None:
     from stablediff.api import StableDiffusion
     from stablediff.demo.evaluate import ATTRIBUTES, evaluate, percent
@@ -806,15 +858,15 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        commands = {"convert": convert, "info": info, "train": train, "eval-demo": eval_demo, "serve": serve,
-                    "watermark": watermark}
+        commands = {"convert": convert, "info": info, "train": train, "finetune": finetune, "eval-demo": eval_demo,
+                    "serve": serve, "watermark": watermark}
         status = commands.get(args.command, generate)(args)
         sys.stdout.flush()
     except UserError as e:
         print(f"stablediff: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        kept = ("the last checkpoint was kept: run the same command to resume" if args.command == "train"
+        kept = ("the last checkpoint was kept: run the same command to resume" if args.command in ("train", "finetune")
                 else "finished images were kept")
         what = "terminated" if isinstance(e, Terminated) else "interrupted"
         print(f"stablediff: {what}; {kept}, nothing half-written", file=sys.stderr)

@@ -61,10 +61,12 @@ class EMA:
         return {k: self.shadow.get(k, v).to(v.dtype) for k, v in module.state_dict().items()}
 
 
-def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
-    """Linear warm-up, then cosine decay to `floor` of the base rate."""
+def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1, schedule: str = "cosine") -> float:
+    """Linear warm-up, then cosine decay to `floor` of the base rate (or, for "constant", the base rate)."""
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     done = (step - warmup) / max(1, total - warmup)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
@@ -92,6 +94,12 @@ class Run:
     clip_grad: float = 1.0
     module_lr: dict[str, float] = field(default_factory=dict)  # a module's own base rate, in place of lr
     losses: list[float] = field(default_factory=list)
+    schedule: str = "cosine"  # after the warm-up: "cosine" (down to a tenth) or "constant"
+    floor: float = 0.1  # where the cosine ends, as a share of the base rate
+
+    def factor(self, step: int) -> float:
+        """The learning rate at `step`, as a share of the base rate."""
+        return lr_factor(step, self.steps, self.warmup, self.floor, self.schedule)
 
     def train(self, loss_fn: Callable[[int], torch.Tensor], progress: bool = True) -> dict[str, EMA]:
         """Run loss_fn(step) -> loss from the checkpoint's step (or 0) to `steps`; returns each module's EMA."""
@@ -102,7 +110,7 @@ class Run:
                   for name, m in self.modules.items()]
         # fused: one kernel for all parameters (on CPU several times faster than the loop over them)
         opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=0.0, fused=params[0].device.type in ("cpu", "cuda"))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, self.steps, self.warmup))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.factor)
         emas = {name: EMA(m, self.ema_decay) for name, m in self.modules.items()}
         start = 0
         if self.checkpoint is not None and self.checkpoint.is_file():
@@ -141,7 +149,7 @@ class Run:
                 recent = self.losses[-50:]
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}",
-                                lr=f"{self.lr * lr_factor(step + 1, self.steps, self.warmup):.1e}")
+                                lr=f"{self.lr * self.factor(step + 1):.1e}")
                 if (step + 1) % self.every == 0 or step + 1 == self.steps:
                     save(step + 1)
         finally:

@@ -38,17 +38,29 @@ def vae_loss(vae, images: torch.Tensor, generator: torch.Generator, kl_weight: f
 
 
 def diffusion_loss(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, schedule: TrainSchedule,
-                   generator: torch.Generator) -> torch.Tensor:
+                   generator: torch.Generator, noise_offset: float = 0.0, min_snr_gamma: float | None = None,
+                   text_skip: int | None = None) -> torch.Tensor:
     """The noise-prediction (or v) loss at timesteps drawn uniformly from the discrete training schedule.
-    latents: scaled latents (B,4,h,w); ids: (B,77) token ids of the captions."""
+    latents: scaled latents (B,4,h,w); ids: (B,77) token ids of the captions. noise_offset: a per-channel constant
+    added to the noise (darker darks and lighter lights, as in kohya's --noise_offset); min_snr_gamma: each
+    sample's loss weighted min(SNR, gamma) / SNR (Hang et al. 2023; / (SNR + 1) for v); text_skip: the text
+    encoder's layers skipped (clip skip - 1 past its own)."""
     b = latents.shape[0]
     t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator, device=generator.device)
     a = schedule.alphas_cumprod().float()[t].to(latents.device)[:, None, None, None]
     noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator,
+                                                   device=generator.device).to(latents)
     x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
     target = noise if schedule.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
-    pred = unet(x_t.contiguous(memory_format=torch.channels_last), t.float().to(latents.device), text_encoder(ids))
-    return F.mse_loss(pred.float(), target.float())
+    context = text_encoder(ids) if text_skip is None else text_encoder(ids, skip=text_skip)
+    pred = unet(x_t.contiguous(memory_format=torch.channels_last), t.float().to(latents.device), context)
+    if min_snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float())
+    snr = (a / (1 - a)).flatten()
+    weight = snr.clamp(max=min_snr_gamma) / (snr if schedule.prediction == "epsilon" else snr + 1)
+    return ((pred.float() - target.float()).square().mean(dim=(1, 2, 3)) * weight).mean()
 
 
 def caption_loss(text_encoder, heads: nn.ModuleDict, ids: torch.Tensor, end_id: int,

@@ -46,3 +46,55 @@ HELP = {"config": "the model's YAML config: a preset name or a file", "data": "t
         "drop_caption": "the share of captions dropped (for classifier-free guidance)", "seed": "seed of the data and weights",
         "precision": "bf16 autocast where bf16 is native (auto), always (bf16) or never (fp32)",
         "dtype": "dtype of the weights written"}
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """What `stablediff finetune --method lora` trains and how (no torch import, for --help)."""
+
+    method: str = "lora"
+    instance_prompt: str | None = None  # the caption of pictures with none of their own
+    resolution: int = 512
+    aspect_buckets: bool = True
+    center_crop: bool = False
+    flip: bool = False
+    rank: int = 4
+    alpha: float = 4.0
+    conv_rank: int = 0  # 3x3 convolutions too (LoCon), at this rank; 0: not
+    conv_alpha: float = 1.0
+    feed_forward: bool = True
+    train_text_encoder: bool = False
+    steps: int = 500
+    epochs: int | None = None  # in place of steps: passes over the pictures (with their repeats)
+    batch_size: int = 1
+    lr: float = 1e-4
+    text_lr: float = 5e-5
+    warmup: int = 0
+    schedule: str = "constant"
+    noise_offset: float = 0.0
+    min_snr_gamma: float | None = None
+    clip_skip: int = 1
+    seed: int = 0
+    precision: str = "auto"  # bf16 autocast where bf16 is native (auto), always (bf16) or never (fp32)
+    checkpoint_every: int = 100
+
+
+FINETUNE_HELP = {
+    "instance_prompt": "the caption of every picture without a NAME.txt of its own (e.g. \"a photo of sks dog\")",
+    "resolution": "the training resolution: pictures go to aspect-ratio buckets of about this many pixels squared",
+    "aspect_buckets": "sort pictures into aspect-ratio buckets (else every picture is cropped square)",
+    "center_crop": "crop the centre of each picture to its bucket (default: a random place each time)",
+    "flip": "flip pictures left-right at random", "rank": "the LoRA's rank (network dim)",
+    "alpha": "the LoRA's alpha: its factors are scaled by alpha / rank",
+    "conv_rank": "also train the UNet's 3x3 convolutions (LoCon) at this rank (0: not)",
+    "conv_alpha": "alpha of the convolutions' factors", "feed_forward": "also train the UNet's feed-forward layers",
+    "train_text_encoder": "also train LoRA factors on the text encoder", "steps": "optimizer steps",
+    "epochs": "train this many passes over the pictures (with their repeats) instead of --steps",
+    "batch_size": "pictures per step (one aspect bucket per step)", "lr": "the UNet's learning rate",
+    "text_lr": "the text encoder's learning rate", "warmup": "steps of linear learning-rate warm-up",
+    "schedule": "the learning rate after the warm-up", "noise_offset": "a per-channel offset added to the noise",
+    "min_snr_gamma": "weight each timestep's loss by min(SNR, gamma) / SNR (5 is usual)",
+    "clip_skip": "the text encoder layer to train with, as at generation (1: the last)",
+    "seed": "seed of the data order, crops, noise and the LoRA's start",
+    "precision": "bf16 autocast where bf16 is native (auto), always (bf16) or never (fp32)",
+    "checkpoint_every": "steps between checkpoints (to resume from)"}

@@ -1,0 +1,134 @@
+"""`stablediff finetune --method lora`: the pictures folder as kohya reads it, a LoRA trained here loaded by diffusers'
+load_lora_weights rendering our image, the ss_* metadata, and a resumed run equal to an uninterrupted one."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from stablediff import cli
+from stablediff.errors import UserError
+from stablediff.train import finetune as finetune_module
+from stablediff.train.data import Buckets, bucket_for, buckets, read_folder
+from stablediff.train.finetune import finetune
+from stablediff.train.settings import FinetuneSettings
+from test_adapters import render
+from test_txt2img_parity import LEADING, assert_close, reference_image
+
+CPU = torch.device("cpu")
+
+
+def pictures(folder, sizes=((96, 64), (64, 96), (80, 80), (128, 64), (70, 70)), name="2_star"):
+    """A few pictures of a star of varied sizes in an N_name folder, one with a caption of its own."""
+    place = folder / name
+    place.mkdir(parents=True)
+    for i, size in enumerate(sizes):
+        image = Image.new("RGB", size, (40 * i, 90, 200 - 30 * i))
+        ImageDraw.Draw(image).regular_polygon((size[0] // 2, size[1] // 2, min(size) // 3), 5, fill=(250, 210, 0))
+        image.save(place / f"{i}.png")
+    (place / "0.txt").write_text("a yellow star on a blue background", encoding="utf-8")
+    return folder
+
+
+def test_folder_captions_repeats_and_buckets(tmp_path):
+    folder = pictures(tmp_path / "pics")
+    by_name = {e.path.name: (e.caption, e.repeats) for e in read_folder(folder)}
+    assert by_name["0.png"] == ("a yellow star on a blue background", 2)  # its own .txt first
+    assert by_name["1.png"] == ("star", 2)  # else the N_name folder's name
+    (folder / "loose.png").write_bytes((folder / "2_star" / "1.png").read_bytes())
+    with pytest.raises(UserError, match=r"1 picture\(s\) .* have no caption \(loose.png\)"):
+        read_folder(folder)
+    by_name = {e.path.name: (e.caption, e.repeats) for e in read_folder(folder, instance_prompt="a photo of sks star")}
+    assert by_name["0.png"] == ("a yellow star on a blue background", 2)
+    assert by_name["1.png"] == ("a photo of sks star", 2) and by_name["loose.png"] == ("a photo of sks star", 1)
+    sizes = buckets(512)
+    assert (512, 512) in sizes and all(w * h <= 512 * 512 and w % 64 == 0 and h % 64 == 0 for w, h in sizes)
+    assert bucket_for((1024, 512), sizes) == (640, 384) and bucket_for((512, 1024), sizes) == (384, 640)
+    assert Buckets(read_folder(folder, "x"), 64).total == 2 * 5 + 1
+    (folder / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match=r"1 picture\(s\) in .* cannot be read: broken.png"):
+        read_folder(folder, "x")
+
+
+def test_a_trained_lora_loads_in_diffusers_and_renders_our_image(tiny_model_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from stablediff import StableDiffusion
+
+    out = tmp_path / "star.safetensors"
+    settings = FinetuneSettings(resolution=64, steps=4, lr=2e-2, conv_rank=2, conv_alpha=2.0, seed=1)
+    summary = finetune(tiny_model_dir, pictures(tmp_path / "pics"), out, tmp_path / "work", settings, CPU,
+                       progress=False)
+    assert summary["steps"] == 4 and len(summary["losses"]) == 4
+    sd = load_file(out)
+    assert any(k.startswith("lora_unet_") and "attn2_to_k" in k for k in sd)
+    assert any(k.endswith("resnets_0_conv1.lora_down.weight") and sd[k].ndim == 4 for k in sd)  # LoCon
+    with safe_open(out, "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_output_name"] == "star" and meta["ss_max_train_steps"] == "4"
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": 2, "conv_alpha": 2.0}
+    assert json.loads(meta["ss_dataset_dirs"]) == {"2_star": {"n_repeats": 2, "img_count": 5}}
+
+    ours = StableDiffusion.load(tiny_model_dir, device="cpu", dtype="fp32")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    before = reference_image(pipe, "EulerDiscreteScheduler", LEADING, {})
+    pipe.load_lora_weights(str(out))
+    pipe.fuse_lora(lora_scale=1.0)
+    expected = reference_image(pipe, "EulerDiscreteScheduler", LEADING, {})
+    assert np.abs(expected.astype(int) - before.astype(int)).max() > 10  # the training changed what it draws
+    assert_close(render(ours.use_loras([(out, 1.0)])), expected)
+
+
+def test_text_encoder_factors_are_written_in_kohya_names(tiny_model_dir, tmp_path):
+    out = tmp_path / "te.safetensors"
+    settings = FinetuneSettings(resolution=64, steps=2, train_text_encoder=True, feed_forward=False, seed=2)
+    finetune(tiny_model_dir, pictures(tmp_path / "pics"), out, tmp_path / "work", settings, CPU, progress=False)
+    keys = load_file(out).keys()
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha" in keys
+    assert not any("ff_net" in k for k in keys)
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tiny_model_dir, tmp_path, monkeypatch):
+    settings = FinetuneSettings(resolution=64, steps=6, checkpoint_every=3, lr=1e-2, batch_size=2, flip=True,
+                                min_snr_gamma=5.0, noise_offset=0.1, train_text_encoder=True, schedule="cosine",
+                                warmup=2, seed=3)
+    folder = pictures(tmp_path / "pics")
+    finetune(tiny_model_dir, folder, tmp_path / "whole.safetensors", tmp_path / "work-a", settings, CPU, progress=False)
+
+    real, calls = finetune_module.diffusion_loss, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # in step 5: the checkpoint of step 3 is the last
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(finetune_module, "diffusion_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_model_dir, folder, tmp_path / "resumed.safetensors", tmp_path / "work-b", settings, CPU,
+                 progress=False)
+    assert not (tmp_path / "resumed.safetensors").exists()  # nothing half-written
+    monkeypatch.setattr(finetune_module, "diffusion_loss", real)
+    finetune(tiny_model_dir, folder, tmp_path / "resumed.safetensors", tmp_path / "work-b", settings, CPU, progress=False)
+    whole, resumed = load_file(tmp_path / "whole.safetensors"), load_file(tmp_path / "resumed.safetensors")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert any(whole[k].abs().sum() > 0 for k in whole if "lora_up" in k)
+
+
+def test_finetune_command_line(tiny_model_dir, tmp_path, capsys):
+    folder = pictures(tmp_path / "pics")
+    out = tmp_path / "cli.safetensors"
+    assert cli.main(["finetune", str(out), "--model", str(tiny_model_dir), "--images", str(folder),
+                     "--resolution", "64", "--steps", "2", "--rank", "2", "--alpha", "1"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().err and out.is_file()
+    assert cli.main(["finetune", str(out), "--model", str(tiny_model_dir), "--images", str(folder)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert cli.main(["finetune", str(tmp_path / "x.safetensors"), "--model", str(tiny_model_dir), "--images",
+                     str(tmp_path / "nothing")]) == 2
+    assert "not a folder of pictures" in capsys.readouterr().err
