@@ -221,29 +221,40 @@ def _add_finetune(sub) -> None:
 
     from stablediff.train.settings import FINETUNE_HELP, FinetuneSettings
 
-    p = sub.add_parser("finetune", help="fine-tune a checkpoint on your pictures: a LoRA (kohya's layout)",
-                       description="Train a LoRA over --model on the pictures of --images (NAME.txt captions beside them, "
-                                   "N_name folders repeated N times, or --instance-prompt), and write it as one "
-                                   ".safetensors in kohya's layout with its ss_* metadata, for --lora here and for "
-                                   "AUTOMATIC1111, ComfyUI and diffusers. Rerun the same command to resume.")
-    p.add_argument("out", help="the LoRA .safetensors to write (must not exist)")
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint on your pictures: a LoRA or DreamBooth",
+                       description="Teach --model the subject of the pictures in --images (NAME.txt captions beside "
+                                   "them, N_name folders repeated N times, or --instance-prompt). lora: one .safetensors "
+                                   "in kohya's layout with its ss_* metadata, for --lora here and for AUTOMATIC1111, "
+                                   "ComfyUI and diffusers; dreambooth: the whole model, in its base's layout. "
+                                   "--class-prompt adds DreamBooth's prior preservation to either. Rerun the same "
+                                   "command to resume.")
+    p.add_argument("out", help="the LoRA .safetensors, or the DreamBooth checkpoint, to write (must not exist)")
     p.add_argument("--model", "--ckpt", required=True, help="the checkpoint to fine-tune: a .safetensors/.ckpt file "
                                                             "or a diffusers folder")
     p.add_argument("--images", required=True, help="the folder of pictures")
-    p.add_argument("--method", choices=("lora",), default="lora",
-                   help="what to train: lora (DreamBooth and textual inversion are not written yet)")
-    p.add_argument("--work-dir", help="checkpoints, to resume from (default: OUT-work beside OUT)")
+    p.add_argument("--method", choices=("lora", "dreambooth", "textual-inversion"), default="lora",
+                   help="lora: a LoRA file (default); dreambooth: the UNet (and with --train-text-encoder the text "
+                        "encoder) itself, written as a whole checkpoint (.safetensors/.ckpt, or a diffusers folder); "
+                        "textual-inversion: an embedding (--token, --init-word, --vectors)")
+    p.add_argument("--work-dir", help="checkpoints and class pictures, to resume from (default: OUT-work beside OUT)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
+                   help="DreamBooth: the dtype of the checkpoint written (default fp16)")
     for f in fields(FinetuneSettings):
-        if f.name == "method":
+        if f.name in ("method", "save_dtype"):
+            continue
+        if f.name == "ema":  # (its --no-ema is the base model's: raw weights, not EMA ones)
+            p.add_argument("--ema", action="store_true", help=FINETUNE_HELP[f.name])
             continue
         flag = f"--{f.name.replace('_', '-')}"
         if isinstance(f.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=FINETUNE_HELP[f.name])
             continue
-        kind = {"instance_prompt": str, "epochs": int, "min_snr_gamma": number}.get(
+        kind = {"instance_prompt": str, "class_prompt": str, "token": str, "init_word": str, "epochs": int,
+                "min_snr_gamma": number, "lr": number}.get(
             f.name, number if isinstance(f.default, float) else type(f.default))
-        choices = {"precision": ("auto", "bf16", "fp32"), "schedule": ("constant", "cosine")}.get(f.name)
+        choices = {"precision": ("auto", "bf16", "fp32"), "schedule": ("constant", "cosine"),
+                   "embedding_format": ("a1111", "diffusers")}.get(f.name)
         p.add_argument(flag, type=kind, default=f.default, choices=choices,
                        help=f"{FINETUNE_HELP[f.name]} (default {f.default})")
     _add_model_flags(p, "a separate VAE file to encode the pictures with")
@@ -807,12 +818,12 @@ def finetune(args) -> None:
     from stablediff.train.settings import FinetuneSettings
 
     settings = FinetuneSettings(**{f.name: getattr(args, f.name) for f in fields(FinetuneSettings)})
-    out = Path(args.out)
+    out = Path(args.out.rstrip("/"))
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.stem + "-work")
     summary = run(Path(args.model), Path(args.images), out, work, settings, resolve_device(args.device),
                   _load_kwargs(args))
     loss = summary["losses"][-50:]
-    print(f"wrote {out} ({summary['layers']} layers, {summary['parameters']:,} parameters; {summary['steps']} steps, "
+    print(f"wrote {out} ({summary['parameters']:,} parameters trained; {summary['steps']} steps, "
           f"the last {len(loss)} steps' mean loss {sum(loss) / max(1, len(loss)):.4f}; {summary['seconds']:.0f} s); "
           f"checkpoints stay in {work}", file=sys.stderr)
 

@@ -132,3 +132,76 @@ def test_finetune_command_line(tiny_model_dir, tmp_path, capsys):
     assert cli.main(["finetune", str(tmp_path / "x.safetensors"), "--model", str(tiny_model_dir), "--images",
                      str(tmp_path / "nothing")]) == 2
     assert "not a folder of pictures" in capsys.readouterr().err
+
+
+def test_dreambooth_with_prior_preservation_loads_in_diffusers_from_single_file(tiny_model_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from stablediff import StableDiffusion
+
+    out = tmp_path / "dreambooth.safetensors"
+    settings = FinetuneSettings(method="dreambooth", resolution=64, steps=3, lr=1e-3, class_prompt="a photo of a star",
+                                num_class_images=3, train_text_encoder=True, save_dtype="fp32", seed=4)
+    summary = finetune(tiny_model_dir, pictures(tmp_path / "pics"), out, tmp_path / "work", settings, CPU,
+                       progress=False)
+    assert summary["class_images"] == 3
+    made = sorted((tmp_path / "work" / "class-images").glob("*.png"))
+    assert len(made) == 3 and all("a photo of a star" in Image.open(p).info["parameters"] for p in made)
+    stamps = [p.stat().st_mtime_ns for p in made]
+    ours = StableDiffusion.load(out, device="cpu", dtype="fp32")
+    base = StableDiffusion.load(tiny_model_dir, device="cpu", dtype="fp32")
+    assert not torch.equal(ours.unet.out[-1].weight, base.unet.out[-1].weight)  # trained
+    assert not torch.equal(ours.text_encoder.final_layer_norm.weight, base.text_encoder.final_layer_norm.weight)
+    pipe = StableDiffusionPipeline.from_single_file(str(out), config=str(tiny_model_dir), safety_checker=None,
+                                                    requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert_close(render(ours), reference_image(pipe, "EulerDiscreteScheduler", LEADING, {}))
+
+    again = dict(vars(settings), ema=True, steps=2)  # a rerun keeps the class pictures it made
+    finetune(tiny_model_dir, tmp_path / "pics", tmp_path / "again.safetensors", tmp_path / "work-again",
+             FinetuneSettings(**again), CPU, progress=False)
+    finetune(tiny_model_dir, tmp_path / "pics", tmp_path / "third.safetensors", tmp_path / "work",
+             FinetuneSettings(**dict(again, steps=4)), CPU, progress=False)
+    assert [p.stat().st_mtime_ns for p in made] == stamps
+
+
+@pytest.mark.parametrize("layout", ["a1111", "diffusers"])
+def test_a_trained_embedding_loads_in_diffusers_load_textual_inversion(tiny_model_dir, tmp_path, layout):
+    from diffusers import StableDiffusionPipeline
+
+    from stablediff import StableDiffusion
+
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    out = folder / "sks-star.safetensors"
+    settings = FinetuneSettings(method="textual-inversion", instance_prompt="a photo of sks-star", init_word="star",
+                                vectors=2, resolution=64, steps=3, lr=0.5, embedding_format=layout, seed=5)
+    with pytest.raises(UserError, match="do not name the token"):  # a caption of its own without the token
+        finetune(tiny_model_dir, pictures(tmp_path / "pics"), out, tmp_path / "work", settings, CPU, progress=False)
+    (tmp_path / "pics" / "2_star" / "0.txt").write_text("sks-star on blue", encoding="utf-8")
+    finetune(tiny_model_dir, tmp_path / "pics", out, tmp_path / "work", settings, CPU, progress=False)
+    sd = load_file(out)
+    vectors = sd["emb_params"] if layout == "a1111" else sd["sks-star"]
+    start = StableDiffusion.load(tiny_model_dir, device="cpu").text_encoder.embeddings.token_embedding.weight[
+        StableDiffusion.load(tiny_model_dir, device="cpu").tokenizer.tokens("star")[0]]
+    assert vectors.shape == (2, 128) and not torch.equal(vectors[0], start)  # trained from the word's embedding
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_textual_inversion(str(out), token="sks-star")
+    prompt = "a photo of sks-star on a table"
+    ours = StableDiffusion.load(tiny_model_dir, device="cpu", dtype="fp32", embeddings_dir=folder)
+    assert_close(render(ours, prompt), reference_image(pipe, "EulerDiscreteScheduler", LEADING, {}, prompt=prompt))
+
+
+def test_finetune_command_line_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
+    folder = pictures(tmp_path / "pics")
+    base = ["finetune", "--model", str(tiny_model_dir), "--images", str(folder), "--resolution", "64", "--steps", "1"]
+    for extra, said in ((["--method", "textual-inversion"], "give --init-word"),
+                        (["--method", "textual-inversion", "--init-word", "star", "--instance-prompt", "a photo of t"],
+                         "do not name the token 't'"),
+                        (["--resolution", "100"], "multiple of 64"),
+                        (["--method", "dreambooth", "--clip-skip", "9"], "--clip-skip 9")):
+        name = str(tmp_path / "t.safetensors")
+        assert cli.main([*base, *extra, name]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err

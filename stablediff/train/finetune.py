@@ -1,6 +1,10 @@
-"""`stablediff finetune --method lora`: a LoRA trained on a folder of pictures over a checkpoint people have, by the
-demo trainer's loop (train/loop.Run: AdamW, warm-up and schedule, checkpoints and an exact resume, Ctrl-C keeping
-the last checkpoint), written in kohya's layout with the metadata AUTOMATIC1111 reads."""
+"""`stablediff finetune`: a checkpoint people have taught a subject from a folder of pictures, by the demo trainer's
+loop (train/loop.Run: AdamW, warm-up and schedule, checkpoints and an exact resume, Ctrl-C keeping the last
+checkpoint). --method lora writes a LoRA in kohya's layout with the metadata AUTOMATIC1111 reads; --method
+dreambooth trains the UNet (and optionally the text encoder) itself and writes a whole checkpoint in the original
+layout (or a diffusers folder); --method textual-inversion trains the vectors of a new word (Gal et al. 2022) and
+writes an embedding (AUTOMATIC1111's emb_params, or diffusers' learned_embeds). Either may keep the class as the base model drew it (DreamBooth's prior
+preservation, Ruiz et al. 2022): pictures of --class-prompt, made once by the base model, trained on alongside."""
 import json
 import math
 import random
@@ -11,16 +15,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stablediff import prompts
 from stablediff.checkpoints.hashing import sha256
 from stablediff.errors import UserError
 from stablediff.files import write_atomic
 from stablediff.pipelines.common import encode_image, to_pixels
-from stablediff.train.data import Buckets, load, read_folder
+from stablediff.train.data import Buckets, Example, load, read_folder
 from stablediff.train.lora import LoraNetwork
 from stablediff.train.loop import Run, autocast, resolve_precision
 from stablediff.train.objectives import diffusion_loss
 from stablediff.train.recipe import _generator, _step_seed, caption_ids
-from stablediff.train.settings import FinetuneSettings
+from stablediff.train.settings import DEFAULT_LR, FinetuneSettings
 
 
 def legacy_model_hash(path: Path) -> str | None:
@@ -44,17 +49,107 @@ def total_steps(settings: FinetuneSettings, pictures: int) -> int:
 
 def _check(settings: FinetuneSettings, out: Path) -> None:
     if out.exists():
-        raise UserError(f"{out} exists: choose a new file name (a LoRA is never written over)")
-    if out.suffix != ".safetensors":
-        raise UserError(f"{out}: the LoRA is written as .safetensors; give a name ending in .safetensors")
+        raise UserError(f"{out} exists: choose a new name (a result is never written over)")
+    if settings.method not in DEFAULT_LR:
+        raise UserError(f"--method {settings.method}: lora, dreambooth or textual-inversion")
+    if settings.method != "dreambooth" and out.suffix != ".safetensors":
+        raise UserError(f"{out}: a LoRA or an embedding is written as .safetensors; give a name ending in .safetensors")
+    if settings.method == "textual-inversion" and not settings.init_word:
+        raise UserError("textual inversion starts from a word: give --init-word, one near the subject (e.g. dog)")
     for name, low in (("rank", 1), ("batch_size", 1), ("steps", 1), ("checkpoint_every", 1), ("clip_skip", 1),
-                      ("resolution", 64)):
+                      ("resolution", 64), ("num_class_images", 1)):
         if getattr(settings, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(settings, name)})")
     if settings.resolution % 64:
         raise UserError(f"--resolution {settings.resolution}: give a multiple of 64 (the buckets' grid)")
     if settings.epochs is not None and settings.epochs < 1:
         raise UserError(f"--epochs must be at least 1 (got {settings.epochs})")
+
+
+def _check_token(tokenizer, examples, token: str) -> None:
+    """Every caption names the token, as a whole word (its tokens in a row among the caption's)."""
+    want = tokenizer.tokens(token)
+
+    def names(caption):
+        have = tokenizer.tokens(caption)
+        return any(have[i:i + len(want)] == want for i in range(len(have)))
+    if blind := [e.path.name for e in examples if not names(e.caption)]:
+        raise UserError(f"{len(blind)} caption(s) do not name the token {token!r} ({', '.join(blind[:3])}): the "
+                        "vectors learn what it stands for there; write it in the captions or --instance-prompt")
+
+
+def class_images(model, settings: FinetuneSettings, folder: Path, progress: bool) -> list[Example]:
+    """--num-class-images pictures of --class-prompt at the training resolution, made by the base model (seed + i)
+    and kept in `folder`: a rerun makes only those not there yet."""
+    from tqdm import tqdm
+
+    from stablediff.files import write_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    size = settings.resolution
+    paths = [folder / f"{i:05d}.png" for i in range(settings.num_class_images)]
+    missing = [i for i, p in enumerate(paths) if not p.is_file()]
+    for start in tqdm(range(0, len(missing), 4), desc="class pictures", unit="batch", disable=not progress or not missing):
+        chunk = missing[start:start + 4]
+        images = model.txt2img([settings.class_prompt] * len(chunk), width=size, height=size,
+                               seed=[settings.seed + i for i in chunk])
+        for i, image in zip(chunk, images):
+            write_png(image, paths[i], image.info.get("parameters"))
+    return [Example(p, settings.class_prompt, 1, (size, size)) for p in paths]
+
+
+class Embedding(nn.Module):
+    """Textual inversion's trained vectors, (n, D), started from a word's token embeddings (repeated to n)."""
+
+    def __init__(self, model, word: str, n: int):
+        super().__init__()
+        ids = model.tokenizer.tokens(word)
+        if not ids:
+            raise UserError(f"--init-word {word!r} has no tokens: give a word")
+        start = model.text_encoder.embeddings.token_embedding.weight.detach()[ids]
+        self.vectors = nn.Parameter(start[torch.arange(n) % len(ids)].clone())
+
+    def tokens(self, model, ids: torch.Tensor, fixes: list[list[tuple[int, torch.Tensor]]]) -> torch.Tensor:
+        """The batch's token embeddings with the vectors where each caption names the token."""
+        with torch.no_grad():
+            base = model.text_encoder.embeddings.token_embedding(ids)
+        rows = []
+        for row, places in zip(base, fixes):
+            parts, at = [], 0
+            for pos, _ in sorted(places, key=lambda p: p[0]):
+                parts += [row[at:pos], self.vectors.to(row.dtype)]
+                at = pos + len(self.vectors)
+            rows.append(torch.cat([*parts, row[at:]]))
+        return torch.stack(rows)
+
+
+def _trained(model, settings: FinetuneSettings) -> tuple[dict[str, nn.Module], LoraNetwork | None]:
+    """The modules the run trains: the LoRA's factors (hooked onto the model), the UNet and text encoder, or the
+    embedding's vectors."""
+    if settings.method == "textual-inversion":
+        return {"embedding": Embedding(model, settings.init_word, settings.vectors).to(model.device)}, None
+    if settings.method == "dreambooth":
+        modules = {"unet": model.unet}
+        return (modules | {"text_encoder": model.text_encoder} if settings.train_text_encoder else modules), None
+    torch.manual_seed(settings.seed)  # the factors' start
+    network = LoraNetwork(model, settings.rank, settings.alpha, settings.conv_rank, settings.conv_alpha,
+                          settings.train_text_encoder, settings.feed_forward).to(model.device).attach(model)
+    parts = {part: nn.ModuleList(network.factors[k] for k, (p, _) in network.targets.items() if p == part)
+             for part in ("unet", "text_encoder")}
+    return {k: v for k, v in parts.items() if len(v)}, network
+
+
+def _write_checkpoint(base: Path, model, emas: dict, settings: FinetuneSettings, out: Path, load_options: dict) -> None:
+    """The fine-tuned model as its base was written (the same configs and layout), with the trained weights."""
+    from stablediff.api import read_spec
+    from stablediff.checkpoints.convert import convert
+
+    spec = read_spec(base, **load_options)
+    for part in ("unet", "text_encoder", "vae"):
+        module = getattr(model, part)
+        spec.weights[part] = (emas[part].weights(module) if part in emas else module.state_dict(), [])
+    spec.ema = None  # one set of weights is written: the trained ones (their EMA with --ema)
+    convert(spec, out, None, settings.save_dtype)
 
 
 def metadata(settings: FinetuneSettings, base: Path, model, examples, buckets: Buckets, steps: int, out: Path,
@@ -72,7 +167,7 @@ def metadata(settings: FinetuneSettings, base: Path, model, examples, buckets: B
         "ss_sd_model_name": base.name, "ss_sd_model_hash": legacy_model_hash(base),
         "ss_new_sd_model_hash": sha256(base) if base.is_file() else None, "ss_output_name": out.stem,
         "ss_training_started_at": started, "ss_training_finished_at": time.time(),
-        "ss_learning_rate": settings.lr, "ss_unet_lr": settings.lr,
+        "ss_learning_rate": settings.lr or DEFAULT_LR["lora"], "ss_unet_lr": settings.lr or DEFAULT_LR["lora"],
         "ss_text_encoder_lr": settings.text_lr if settings.train_text_encoder else None,
         "ss_network_train_unet_only": not settings.train_text_encoder, "ss_max_train_steps": steps,
         "ss_epoch": settings.epochs, "ss_train_batch_size": settings.batch_size,
@@ -90,51 +185,81 @@ def metadata(settings: FinetuneSettings, base: Path, model, examples, buckets: B
 
 def finetune(base: Path, images: Path, out: Path, work: Path, settings: FinetuneSettings, device: torch.device,
              load_options: dict | None = None, progress: bool = True) -> dict:
-    """Train and write the LoRA; returns the loss history and seconds taken. Rerun with the same arguments to
-    resume from the last checkpoint in `work`."""
-    from safetensors.torch import save_file
-
+    """Train and write the LoRA or the checkpoint; returns the loss history and seconds taken. Rerun with the same
+    arguments to resume from the last checkpoint in `work`."""
     from stablediff.api import StableDiffusion
 
     _check(settings, out)
+    load_options = load_options or {}
     started = time.time()
     examples = read_folder(images, settings.instance_prompt)
+    token = settings.token or out.stem
     buckets = Buckets(examples, settings.resolution, settings.aspect_buckets)
     steps = total_steps(settings, buckets.total)
-    model = StableDiffusion.load(base, device=device, dtype="fp32", **(load_options or {}))
+    model = StableDiffusion.load(base, device=device, dtype="fp32", **load_options)
     usable = model.text_encoder.config.layers - model.text_encoder.config.skip_layers
     if settings.clip_skip > usable:
         raise UserError(f"--clip-skip {settings.clip_skip}: this text encoder has {usable} layers to choose from")
-    torch.manual_seed(settings.seed)  # the factors' start
-    network = LoraNetwork(model, settings.rank, settings.alpha, settings.conv_rank, settings.conv_alpha,
-                          settings.train_text_encoder, settings.feed_forward).to(device).attach(model)
-    parts = {part: nn.ModuleList(network.factors[k] for k, (p, _) in network.targets.items() if p == part)
-             for part in ("unet", "text_encoder")}
+    if settings.method == "textual-inversion":
+        _check_token(model.tokenizer, examples, token)
     work.mkdir(parents=True, exist_ok=True)
-    run = Run("lora", {k: v for k, v in parts.items() if len(v)}, steps, settings.lr, work / "lora.pt", settings.warmup,
-              every=settings.checkpoint_every, module_lr={"text_encoder": settings.text_lr}, schedule=settings.schedule)
+    prior = class_images(model, settings, work / "class-images", progress) if settings.class_prompt else []
+    modules, network = _trained(model, settings)
+    lr = settings.lr or DEFAULT_LR[settings.method]
+    run = Run(settings.method, modules, steps, lr, work / f"{settings.method}.pt", settings.warmup,
+              every=settings.checkpoint_every, module_lr={"text_encoder": settings.text_lr}, schedule=settings.schedule,
+              ema_decay=0.999 if settings.ema and settings.method == "dreambooth" else None)
     ids = caption_ids(model.tokenizer)
+    embedding = modules.get("embedding")
+    placeholder = {tuple(model.tokenizer.tokens(token)): torch.zeros(settings.vectors, 1)}
     skip = model.text_encoder.config.skip_layers + settings.clip_skip - 1
+
+    def batch_loss(batch, size, rng, g, instance: bool = True):
+        w, h = size
+        pixels = to_pixels([load(e, size, settings.center_crop, settings.flip, rng) for e in batch], device)
+        f = model.vae_scale
+        latents = encode_image(model, pixels, lambda: torch.randn((len(batch), 4, h // f, w // f), generator=g,
+                                                                  device=g.device))
+        vectors = None
+        if embedding is not None and instance:  # the token's vectors where the captions name it
+            chunked = [prompts.chunks(model.tokenizer, e.caption, placeholder)[0] for e in batch]
+            tokens = torch.tensor([c[0] for c in chunked], device=device)
+            vectors = embedding.tokens(model, tokens, [c[2] for c in chunked])
+        else:
+            tokens = torch.tensor([ids(e.caption) for e in batch], device=device)
+        with autocast(device, settings.precision):
+            return diffusion_loss(model.unet, model.text_encoder, latents, tokens, model.schedule, g,
+                                  settings.noise_offset, settings.min_snr_gamma, skip, vectors)
 
     def loss(step):
         rng = random.Random(_step_seed(settings.seed, step))
         g = _generator(settings.seed, step, device)
-        (w, h), batch = buckets.batch(rng, settings.batch_size)
-        pixels = to_pixels([load(e, (w, h), settings.center_crop, settings.flip, rng) for e in batch], device)
-        f = model.vae_scale
-        latents = encode_image(model, pixels, lambda: torch.randn((len(batch), 4, h // f, w // f), generator=g,
-                                                                  device=g.device))
-        tokens = torch.tensor([ids(e.caption) for e in batch], device=device)
-        with autocast(device, settings.precision):
-            return diffusion_loss(model.unet, model.text_encoder, latents, tokens, model.schedule, g,
-                                  settings.noise_offset, settings.min_snr_gamma, skip)
+        size, batch = buckets.batch(rng, settings.batch_size)
+        total = batch_loss(batch, size, rng, g)
+        if prior:  # as many class pictures, cropped to the same bucket
+            total = total + settings.prior_loss_weight * batch_loss(
+                [prior[rng.randrange(len(prior))] for _ in batch], size, rng, g, instance=False)
+        return total
 
     try:
-        run.train(loss, progress)
+        emas = run.train(loss, progress)
     finally:
-        network.detach()
-    sd = network.kohya_state_dict()
-    meta = metadata(settings, base, model, examples, buckets, steps, out, started)
-    write_atomic(out, lambda tmp: save_file(sd, tmp, metadata=meta))
-    return {"losses": run.losses, "steps": steps, "layers": len(network.factors),
-            "parameters": sum(p.numel() for p in network.parameters()), "seconds": time.time() - started}
+        if network is not None:
+            network.detach()
+    if network is not None:
+        _write_file(out, network.kohya_state_dict(), metadata(settings, base, model, examples, buckets, steps, out,
+                                                                started))
+    elif embedding is not None:
+        vectors = embedding.vectors.detach().float().cpu().contiguous()
+        _write_file(out, {"emb_params": vectors} if settings.embedding_format == "a1111" else {token: vectors},
+                    {"token": token, "init_word": settings.init_word, "steps": str(steps)})
+    else:
+        _write_checkpoint(base, model, emas, settings, out, load_options)
+    return {"losses": run.losses, "steps": steps, "seconds": time.time() - started, "class_images": len(prior),
+            "parameters": sum(p.numel() for m in modules.values() for p in m.parameters())}
+
+
+def _write_file(out: Path, tensors: dict, meta: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    write_atomic(out, lambda tmp: save_file(tensors, tmp, metadata=meta))

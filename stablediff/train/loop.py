@@ -89,7 +89,7 @@ class Run:
     lr: float
     checkpoint: Path | None = None
     warmup: int = 100
-    ema_decay: float = 0.999
+    ema_decay: float | None = 0.999  # None: no EMA weights are kept (they cost a copy of the modules in fp32)
     every: int = 200  # steps between checkpoints
     clip_grad: float = 1.0
     module_lr: dict[str, float] = field(default_factory=dict)  # a module's own base rate, in place of lr
@@ -102,7 +102,8 @@ class Run:
         return lr_factor(step, self.steps, self.warmup, self.floor, self.schedule)
 
     def train(self, loss_fn: Callable[[int], torch.Tensor], progress: bool = True) -> dict[str, EMA]:
-        """Run loss_fn(step) -> loss from the checkpoint's step (or 0) to `steps`; returns each module's EMA."""
+        """Run loss_fn(step) -> loss from the checkpoint's step (or 0) to `steps`; returns each module's EMA (none
+        without ema_decay)."""
         from tqdm import tqdm
 
         params = [p for m in self.modules.values() for p in m.parameters()]
@@ -111,13 +112,14 @@ class Run:
         # fused: one kernel for all parameters (on CPU several times faster than the loop over them)
         opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=0.0, fused=params[0].device.type in ("cpu", "cuda"))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.factor)
-        emas = {name: EMA(m, self.ema_decay) for name, m in self.modules.items()}
+        emas = {name: EMA(m, self.ema_decay) for name, m in self.modules.items()} if self.ema_decay is not None else {}
         start = 0
         if self.checkpoint is not None and self.checkpoint.is_file():
             state = load_checkpoint(self.checkpoint)
             for name, m in self.modules.items():
                 m.load_state_dict(state["modules"][name])
-                emas[name].shadow = state["ema"][name]
+                if name in emas and name in state["ema"]:  # (a run resumed with EMA newly on starts it here)
+                    emas[name].shadow = state["ema"][name]
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["schedule"])
             start, self.losses = state["step"], list(state["losses"])
@@ -143,8 +145,8 @@ class Run:
                 torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
                 opt.step()
                 sched.step()
-                for name, m in self.modules.items():
-                    emas[name].update(m, step)
+                for name, ema in emas.items():
+                    ema.update(self.modules[name], step)
                 self.losses.append(loss.item())
                 recent = self.losses[-50:]
                 bar.update(1)

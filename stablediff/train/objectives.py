@@ -39,12 +39,13 @@ def vae_loss(vae, images: torch.Tensor, generator: torch.Generator, kl_weight: f
 
 def diffusion_loss(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, schedule: TrainSchedule,
                    generator: torch.Generator, noise_offset: float = 0.0, min_snr_gamma: float | None = None,
-                   text_skip: int | None = None) -> torch.Tensor:
+                   text_skip: int | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """The noise-prediction (or v) loss at timesteps drawn uniformly from the discrete training schedule.
     latents: scaled latents (B,4,h,w); ids: (B,77) token ids of the captions. noise_offset: a per-channel constant
     added to the noise (darker darks and lighter lights, as in kohya's --noise_offset); min_snr_gamma: each
     sample's loss weighted min(SNR, gamma) / SNR (Hang et al. 2023; / (SNR + 1) for v); text_skip: the text
-    encoder's layers skipped (clip skip - 1 past its own)."""
+    encoder's layers skipped (clip skip - 1 past its own); tokens: (B,77,D) token embeddings in place of the ids' own
+    (textual inversion's vectors written in)."""
     b = latents.shape[0]
     t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator, device=generator.device)
     a = schedule.alphas_cumprod().float()[t].to(latents.device)[:, None, None, None]
@@ -54,7 +55,7 @@ def diffusion_loss(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor,
                                                    device=generator.device).to(latents)
     x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
     target = noise if schedule.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
-    context = text_encoder(ids) if text_skip is None else text_encoder(ids, skip=text_skip)
+    context = text_encoder(ids) if text_skip is None and tokens is None else text_encoder(ids, text_skip, tokens)
     pred = unet(x_t.contiguous(memory_format=torch.channels_last), t.float().to(latents.device), context)
     if min_snr_gamma is None:
         return F.mse_loss(pred.float(), target.float())

@@ -50,10 +50,19 @@ HELP = {"config": "the model's YAML config: a preset name or a file", "data": "t
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """What `stablediff finetune --method lora` trains and how (no torch import, for --help)."""
+    """What `stablediff finetune` trains and how (no torch import, for --help)."""
 
-    method: str = "lora"
+    method: str = "lora"  # "dreambooth": the UNet (and optionally the text encoder); "textual-inversion": vectors
     instance_prompt: str | None = None  # the caption of pictures with none of their own
+    class_prompt: str | None = None  # DreamBooth's prior preservation: pictures of the class, made by the base model
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    ema: bool = False  # DreamBooth: write the EMA of the weights, not the last ones
+    save_dtype: str = "fp16"  # DreamBooth: of the checkpoint written
+    token: str | None = None  # textual inversion: the word the captions use for the subject (default: OUT's name)
+    init_word: str | None = None  # textual inversion: the vectors start as this word's
+    vectors: int = 1  # textual inversion: vectors per token
+    embedding_format: str = "a1111"  # textual inversion: "a1111" (emb_params) or "diffusers" ({token: vectors})
     resolution: int = 512
     aspect_buckets: bool = True
     center_crop: bool = False
@@ -67,7 +76,7 @@ class FinetuneSettings:
     steps: int = 500
     epochs: int | None = None  # in place of steps: passes over the pictures (with their repeats)
     batch_size: int = 1
-    lr: float = 1e-4
+    lr: float | None = None  # None: the method's own (DEFAULT_LR)
     text_lr: float = 5e-5
     warmup: int = 0
     schedule: str = "constant"
@@ -79,7 +88,19 @@ class FinetuneSettings:
     checkpoint_every: int = 100
 
 
+DEFAULT_LR = {"lora": 1e-4, "dreambooth": 5e-6, "textual-inversion": 5e-3}
+
 FINETUNE_HELP = {
+    "token": "textual inversion: the word your captions use for the subject (default: the output file's name, "
+             "which is how AUTOMATIC1111 and this program's --embeddings-dir name an embedding)",
+    "init_word": "textual inversion: a word near the subject (e.g. dog); the vectors start as its embedding",
+    "vectors": "textual inversion: vectors the token stands for",
+    "embedding_format": "textual inversion: a1111 (emb_params) or diffusers (learned_embeds: {token: vectors})",
+    "class_prompt": "prior preservation: also train on pictures of this prompt that the base model makes (e.g. "
+                    "\"a photo of a dog\"), so that it keeps drawing the class as it did",
+    "num_class_images": "pictures of --class-prompt to make (once: kept in the work folder for reruns)",
+    "prior_loss_weight": "the weight of the class pictures' loss", "ema": "DreamBooth: write the EMA weights",
+    "save_dtype": "DreamBooth: the dtype of the checkpoint written",
     "instance_prompt": "the caption of every picture without a NAME.txt of its own (e.g. \"a photo of sks dog\")",
     "resolution": "the training resolution: pictures go to aspect-ratio buckets of about this many pixels squared",
     "aspect_buckets": "sort pictures into aspect-ratio buckets (else every picture is cropped square)",
@@ -90,7 +111,8 @@ FINETUNE_HELP = {
     "conv_alpha": "alpha of the convolutions' factors", "feed_forward": "also train the UNet's feed-forward layers",
     "train_text_encoder": "also train LoRA factors on the text encoder", "steps": "optimizer steps",
     "epochs": "train this many passes over the pictures (with their repeats) instead of --steps",
-    "batch_size": "pictures per step (one aspect bucket per step)", "lr": "the UNet's learning rate",
+    "batch_size": "pictures per step (one aspect bucket per step)",
+    "lr": "the learning rate (default: lora 1e-4, dreambooth 5e-6, textual inversion 5e-3)",
     "text_lr": "the text encoder's learning rate", "warmup": "steps of linear learning-rate warm-up",
     "schedule": "the learning rate after the warm-up", "noise_offset": "a per-channel offset added to the noise",
     "min_snr_gamma": "weight each timestep's loss by min(SNR, gamma) / SNR (5 is usual)",
