@@ -254,7 +254,7 @@ def _add_finetune(sub) -> None:
                 "min_snr_gamma": number, "lr": number}.get(
             f.name, number if isinstance(f.default, float) else type(f.default))
         choices = {"precision": ("auto", "bf16", "fp32"), "schedule": ("constant", "cosine"),
-                   "embedding_format": ("a1111", "diffusers")}.get(f.name)
+                   "embedding_format": ("a1111", "diffusers"), "lora_format": ("kohya", "peft")}.get(f.name)
         p.add_argument(flag, type=kind, default=f.default, choices=choices,
                        help=f"{FINETUNE_HELP[f.name]} (default {f.default})")
     _add_model_flags(p, "a separate VAE file to encode the pictures with")

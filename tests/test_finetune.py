@@ -205,3 +205,42 @@ def test_finetune_command_line_errors_are_one_line(tiny_model_dir, tmp_path, cap
         assert cli.main([*base, *extra, name]) == 2
         err = capsys.readouterr().err
         assert said in err and err.count("\n") == 1, err
+
+
+def test_a_lora_in_the_peft_layout_loads_in_diffusers_with_its_alpha_folded_in(tiny_model_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from stablediff import StableDiffusion
+
+    out = tmp_path / "peft.safetensors"
+    settings = FinetuneSettings(resolution=64, steps=3, lr=2e-2, rank=4, alpha=2.0, train_text_encoder=True,
+                                lora_format="peft", seed=6)
+    finetune(tiny_model_dir, pictures(tmp_path / "pics"), out, tmp_path / "work", settings, CPU, progress=False)
+    keys = load_file(out).keys()
+    assert any(k.startswith("unet.") and k.endswith("attn1.to_q.lora_A.weight") for k in keys)
+    assert any(k.startswith("text_encoder.") and k.endswith("self_attn.q_proj.lora_B.weight") for k in keys)
+    assert not any(k.endswith(".alpha") for k in keys)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(out))
+    pipe.fuse_lora(lora_scale=1.0)
+    ours = StableDiffusion.load(tiny_model_dir, device="cpu", dtype="fp32")
+    assert_close(render(ours.use_loras([(out, 1.0)])), reference_image(pipe, "EulerDiscreteScheduler", LEADING, {}))
+
+
+def test_accumulated_micro_batches_equal_one_step_on_their_mean_loss(tmp_path):
+    from stablediff.train.loop import Run
+
+    data = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+
+    def make():
+        torch.manual_seed(1)
+        return torch.nn.Linear(3, 2)
+
+    accumulated, whole = make(), make()
+    Run("a", {"m": accumulated}, steps=4, lr=0.1, warmup=0, ema_decay=None, accumulate=2).train(
+        lambda i: accumulated(data[i:i + 1]).square().sum(), progress=False)
+    Run("b", {"m": whole}, steps=4, lr=0.1, warmup=0, ema_decay=None).train(
+        lambda s: whole(data[2 * s:2 * s + 2]).square().sum(1).mean(), progress=False)
+    for a, b in zip(accumulated.parameters(), whole.parameters()):
+        torch.testing.assert_close(a, b)

@@ -56,8 +56,8 @@ def _check(settings: FinetuneSettings, out: Path) -> None:
         raise UserError(f"{out}: a LoRA or an embedding is written as .safetensors; give a name ending in .safetensors")
     if settings.method == "textual-inversion" and not settings.init_word:
         raise UserError("textual inversion starts from a word: give --init-word, one near the subject (e.g. dog)")
-    for name, low in (("rank", 1), ("batch_size", 1), ("steps", 1), ("checkpoint_every", 1), ("clip_skip", 1),
-                      ("resolution", 64), ("num_class_images", 1)):
+    for name, low in (("rank", 1), ("batch_size", 1), ("grad_accum", 1), ("steps", 1), ("checkpoint_every", 1),
+                      ("clip_skip", 1), ("resolution", 64), ("num_class_images", 1), ("vectors", 1)):
         if getattr(settings, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(settings, name)})")
     if settings.resolution % 64:
@@ -208,6 +208,7 @@ def finetune(base: Path, images: Path, out: Path, work: Path, settings: Finetune
     lr = settings.lr or DEFAULT_LR[settings.method]
     run = Run(settings.method, modules, steps, lr, work / f"{settings.method}.pt", settings.warmup,
               every=settings.checkpoint_every, module_lr={"text_encoder": settings.text_lr}, schedule=settings.schedule,
+              accumulate=settings.grad_accum,
               ema_decay=0.999 if settings.ema and settings.method == "dreambooth" else None)
     ids = caption_ids(model.tokenizer)
     embedding = modules.get("embedding")
@@ -247,8 +248,8 @@ def finetune(base: Path, images: Path, out: Path, work: Path, settings: Finetune
         if network is not None:
             network.detach()
     if network is not None:
-        _write_file(out, network.kohya_state_dict(), metadata(settings, base, model, examples, buckets, steps, out,
-                                                                started))
+        tensors = network.kohya_state_dict() if settings.lora_format == "kohya" else network.peft_state_dict(model)
+        _write_file(out, tensors, metadata(settings, base, model, examples, buckets, steps, out, started))
     elif embedding is not None:
         vectors = embedding.vectors.detach().float().cpu().contiguous()
         _write_file(out, {"emb_params": vectors} if settings.embedding_format == "a1111" else {token: vectors},

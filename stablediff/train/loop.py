@@ -96,14 +96,27 @@ class Run:
     losses: list[float] = field(default_factory=list)
     schedule: str = "cosine"  # after the warm-up: "cosine" (down to a tenth) or "constant"
     floor: float = 0.1  # where the cosine ends, as a share of the base rate
+    accumulate: int = 1  # micro-batches per step, their gradients summed (loss_fn gets step * accumulate + k)
 
     def factor(self, step: int) -> float:
         """The learning rate at `step`, as a share of the base rate."""
         return lr_factor(step, self.steps, self.warmup, self.floor, self.schedule)
 
+    def _gradients(self, loss_fn: Callable[[int], torch.Tensor], step: int) -> float:
+        """The step's gradients (summed over its micro-batches, each loss / accumulate), and its mean loss."""
+        total = 0.0
+        for k in range(self.accumulate):
+            loss = loss_fn(step if self.accumulate == 1 else step * self.accumulate + k)
+            if not torch.isfinite(loss):
+                raise UserError(f"{self.name}: the loss became {loss.item()} at step {step}; "
+                                "lower the learning rate (--lr) and resume")
+            (loss if self.accumulate == 1 else loss / self.accumulate).backward()
+            total += loss.item()
+        return total / self.accumulate
+
     def train(self, loss_fn: Callable[[int], torch.Tensor], progress: bool = True) -> dict[str, EMA]:
-        """Run loss_fn(step) -> loss from the checkpoint's step (or 0) to `steps`; returns each module's EMA (none
-        without ema_decay)."""
+        """Run loss_fn(step) -> loss from the checkpoint's step (or 0) to `steps` (with `accumulate` > 1, loss_fn of
+        each micro-batch's number); returns each module's EMA (none without ema_decay)."""
         from tqdm import tqdm
 
         params = [p for m in self.modules.values() for p in m.parameters()]
@@ -136,18 +149,14 @@ class Run:
         bar = tqdm(total=self.steps, initial=start, desc=self.name, unit="step", disable=not progress)
         try:  # Ctrl-C leaves the last checkpoint as it was: resuming repeats at most `every` steps, exactly
             for step in range(start, self.steps):
-                loss = loss_fn(step)
-                if not torch.isfinite(loss):
-                    raise UserError(f"{self.name}: the loss became {loss.item()} at step {step}; "
-                                    "lower the learning rate (--lr) and resume")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = self._gradients(loss_fn, step)
                 torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
                 opt.step()
                 sched.step()
                 for name, ema in emas.items():
                     ema.update(self.modules[name], step)
-                self.losses.append(loss.item())
+                self.losses.append(loss)
                 recent = self.losses[-50:]
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}",

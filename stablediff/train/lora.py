@@ -33,11 +33,12 @@ class LoraFactors(nn.Module):
         return self.lora_up(self.lora_down(x)) * (self.alpha / self.rank)
 
 
-def _canonical(model) -> dict[tuple[str, str], str]:
-    """(part, our module name) -> its kohya name (the first module_names gives each layer)."""
+def _canonical(model, prefixes=("lora_unet_", "lora_te_")) -> dict[tuple[str, str], str]:
+    """(part, our module name) -> its kohya name (or, with prefixes unet./text_encoder., diffusers' PEFT name): the
+    first of those module_names gives each layer."""
     out = {}
     for name, target in module_names(model).items():
-        if name.startswith(("lora_unet_", "lora_te_")):
+        if name.startswith(prefixes):
             out.setdefault(target, name)
     return out
 
@@ -90,4 +91,16 @@ class LoraNetwork(nn.Module):
             sd[f"{kohya}.lora_down.weight"] = factors.lora_down.weight.detach().float().cpu().contiguous()
             sd[f"{kohya}.lora_up.weight"] = factors.lora_up.weight.detach().float().cpu().contiguous()
             sd[f"{kohya}.alpha"] = torch.tensor(float(factors.alpha))
+        return sd
+
+    def peft_state_dict(self, model) -> dict:
+        """diffusers' own layout (unet.<path>.lora_A.weight / lora_B.weight, text_encoder.<path>...): no alpha key,
+        so alpha / rank is folded into lora_B, which gives the same product."""
+        names = _canonical(model, ("unet.", "text_encoder."))
+        sd = {}
+        for kohya, factors in self.factors.items():
+            name = names[self.targets[kohya]]
+            sd[f"{name}.lora_A.weight"] = factors.lora_down.weight.detach().float().cpu().contiguous()
+            sd[f"{name}.lora_B.weight"] = (factors.lora_up.weight.detach().float().cpu()
+                                           * (factors.alpha / factors.rank)).contiguous()
         return sd

@@ -63,6 +63,7 @@ class FinetuneSettings:
     init_word: str | None = None  # textual inversion: the vectors start as this word's
     vectors: int = 1  # textual inversion: vectors per token
     embedding_format: str = "a1111"  # textual inversion: "a1111" (emb_params) or "diffusers" ({token: vectors})
+    lora_format: str = "kohya"  # LoRA: "kohya" (lora_unet_*, .alpha) or "peft" (diffusers' unet.*.lora_A/B)
     resolution: int = 512
     aspect_buckets: bool = True
     center_crop: bool = False
@@ -76,6 +77,7 @@ class FinetuneSettings:
     steps: int = 500
     epochs: int | None = None  # in place of steps: passes over the pictures (with their repeats)
     batch_size: int = 1
+    grad_accum: int = 1  # batches per optimizer step, their gradients summed
     lr: float | None = None  # None: the method's own (DEFAULT_LR)
     text_lr: float = 5e-5
     warmup: int = 0
@@ -112,6 +114,9 @@ FINETUNE_HELP = {
     "train_text_encoder": "also train LoRA factors on the text encoder", "steps": "optimizer steps",
     "epochs": "train this many passes over the pictures (with their repeats) instead of --steps",
     "batch_size": "pictures per step (one aspect bucket per step)",
+    "grad_accum": "batches per optimizer step, their gradients summed (a larger batch in the same memory)",
+    "lora_format": "LoRA: kohya (lora_unet_*, .alpha: AUTOMATIC1111, ComfyUI, diffusers) or peft (diffusers' own "
+                   "unet.*.lora_A/lora_B, alpha / rank folded into lora_B)",
     "lr": "the learning rate (default: lora 1e-4, dreambooth 5e-6, textual inversion 5e-3)",
     "text_lr": "the text encoder's learning rate", "warmup": "steps of linear learning-rate warm-up",
     "schedule": "the learning rate after the warm-up", "noise_offset": "a per-channel offset added to the noise",
