@@ -229,8 +229,8 @@ def _add_finetune(sub) -> None:
                                    "--class-prompt adds DreamBooth's prior preservation to either. Rerun the same "
                                    "command to resume.")
     p.add_argument("out", help="the LoRA .safetensors, or the DreamBooth checkpoint, to write (must not exist)")
-    p.add_argument("--model", "--ckpt", required=True, help="the checkpoint to fine-tune: a .safetensors/.ckpt file "
-                                                            "or a diffusers folder")
+    p.add_argument("--model", "--ckpt", help="the checkpoint to fine-tune: a .safetensors/.ckpt file or a diffusers "
+                                             "folder (default: the demo model)")
     p.add_argument("--images", required=True, help="the folder of pictures")
     p.add_argument("--method", choices=("lora", "dreambooth", "textual-inversion"), default="lora",
                    help="lora: a LoRA file (default); dreambooth: the UNet (and with --train-text-encoder the text "
@@ -250,10 +250,14 @@ def _add_finetune(sub) -> None:
         if isinstance(f.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=FINETUNE_HELP[f.name])
             continue
-        kind = {"instance_prompt": str, "class_prompt": str, "token": str, "init_word": str, "epochs": int,
+        if f.name in ("class_prompt", "sample_prompt"):  # repeatable
+            p.add_argument(flag, action="append", default=[], help=FINETUNE_HELP[f.name])
+            continue
+        kind = {"instance_prompt": str, "token": str, "init_word": str, "epochs": int,
                 "min_snr_gamma": number, "lr": number}.get(
             f.name, number if isinstance(f.default, float) else type(f.default))
-        choices = {"precision": ("auto", "bf16", "fp32"), "schedule": ("constant", "cosine"),
+        choices = {"precision": ("auto", "bf16", "fp16", "fp32"), "schedule": ("constant", "cosine"),
+                   "optimizer": ("adamw", "adamw8bit"),
                    "embedding_format": ("a1111", "diffusers"), "lora_format": ("kohya", "peft")}.get(f.name)
         p.add_argument(flag, type=kind, default=f.default, choices=choices,
                        help=f"{FINETUNE_HELP[f.name]} (default {f.default})")
@@ -813,16 +817,20 @@ def train(args) -> None:
 def finetune(args) -> None:
     from dataclasses import fields
 
+    from stablediff.api import DEMO_MODEL
     from stablediff.devices import resolve_device
     from stablediff.train.finetune import finetune as run
     from stablediff.train.settings import FinetuneSettings
 
-    settings = FinetuneSettings(**{f.name: getattr(args, f.name) for f in fields(FinetuneSettings)})
+    settings = FinetuneSettings(**{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
+                                   for f in fields(FinetuneSettings)})
     out = Path(args.out.rstrip("/"))
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.stem + "-work")
-    summary = run(Path(args.model), Path(args.images), out, work, settings, resolve_device(args.device),
-                  _load_kwargs(args))
+    summary = run(Path(args.model) if args.model else DEMO_MODEL, Path(args.images), out, work, settings,
+                  resolve_device(args.device), _load_kwargs(args))
     loss = summary["losses"][-50:]
+    if not summary["main"]:  # (under accelerate launch: the main process writes and says so)
+        return
     print(f"wrote {out} ({summary['parameters']:,} parameters trained; {summary['steps']} steps, "
           f"the last {len(loss)} steps' mean loss {sum(loss) / max(1, len(loss)):.4f}; {summary['seconds']:.0f} s); "
           f"checkpoints stay in {work}", file=sys.stderr)

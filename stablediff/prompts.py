@@ -62,6 +62,11 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     return [(t, w) for t, w in merged]
 
 
+def holds(tokens: list[int], word: list[int]) -> bool:
+    """Whether a text's tokens hold a word's tokens in a row (an embedding's name, a trained token)."""
+    return any(tokens[i:i + len(word)] == word for i in range(len(tokens) - len(word) + 1))
+
+
 def chunks(tokenizer, text: str, embeddings: dict | None = None) -> list[tuple[list[int], list[float], list]]:
     """The prompt as chunks of the text encoder's length (77 for SD): (ids with start/end tokens and padding,
     per-token weights, textual inversion vectors as [(position, (n, D) vectors)]). `embeddings` maps a name's

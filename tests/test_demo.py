@@ -30,6 +30,16 @@ def test_judge_reads_every_drawn_scene_back():
         assert scene.size is None or seen["size"] == scene.size
 
 
+def test_judge_reads_the_new_shape_back_too():
+    rng = random.Random(3)
+    for i in range(400):
+        scene = replace(sample_scene(rng, held_out=i % 4 == 0), shape="cross")
+        seen = judge(draw(scene))
+        assert (seen["background"], seen["colour"], seen["shape"]) == (scene.background, scene.colour, "cross")
+        assert scene.position is None or seen["position"] == scene.position
+        assert scene.size is None or seen["size"] == scene.size
+
+
 def test_judge_on_a_blank_picture_finds_no_shape():
     seen = judge(Image.new("RGB", (64, 64), COLOURS["green"]))
     assert seen == {"background": "green", "colour": None, "shape": None, "position": None, "size": None}

@@ -123,7 +123,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tiny_model_dir, t
 
 def test_finetune_command_line(tiny_model_dir, tmp_path, capsys):
     folder = pictures(tmp_path / "pics")
-    out = tmp_path / "cli.safetensors"
+    out = tmp_path / "loras" / "cli.safetensors"  # (its folder made)
     assert cli.main(["finetune", str(out), "--model", str(tiny_model_dir), "--images", str(folder),
                      "--resolution", "64", "--steps", "2", "--rank", "2", "--alpha", "1"]) == 0
     assert f"wrote {out}" in capsys.readouterr().err and out.is_file()
@@ -140,12 +140,12 @@ def test_dreambooth_with_prior_preservation_loads_in_diffusers_from_single_file(
     from stablediff import StableDiffusion
 
     out = tmp_path / "dreambooth.safetensors"
-    settings = FinetuneSettings(method="dreambooth", resolution=64, steps=3, lr=1e-3, class_prompt="a photo of a star",
+    settings = FinetuneSettings(method="dreambooth", resolution=64, steps=3, lr=1e-3, class_prompt=("a photo of a star",),
                                 num_class_images=3, train_text_encoder=True, save_dtype="fp32", seed=4)
     summary = finetune(tiny_model_dir, pictures(tmp_path / "pics"), out, tmp_path / "work", settings, CPU,
                        progress=False)
     assert summary["class_images"] == 3
-    made = sorted((tmp_path / "work" / "class-images").glob("*.png"))
+    made = sorted((tmp_path / "work" / "class-images").glob("*/*.png"))
     assert len(made) == 3 and all("a photo of a star" in Image.open(p).info["parameters"] for p in made)
     stamps = [p.stat().st_mtime_ns for p in made]
     ours = StableDiffusion.load(out, device="cpu", dtype="fp32")
@@ -200,7 +200,9 @@ def test_finetune_command_line_errors_are_one_line(tiny_model_dir, tmp_path, cap
                         (["--method", "textual-inversion", "--init-word", "star", "--instance-prompt", "a photo of t"],
                          "do not name the token 't'"),
                         (["--resolution", "100"], "multiple of 64"),
-                        (["--method", "dreambooth", "--clip-skip", "9"], "--clip-skip 9")):
+                        (["--method", "dreambooth", "--clip-skip", "9"], "--clip-skip 9"),
+                        (["--precision", "fp16", "--device", "cpu"], "fp16 needs a GPU"),
+                        (["--sample-every", "5"], "give both")):
         name = str(tmp_path / "t.safetensors")
         assert cli.main([*base, *extra, name]) == 2
         err = capsys.readouterr().err
@@ -244,3 +246,82 @@ def test_accumulated_micro_batches_equal_one_step_on_their_mean_loss(tmp_path):
         lambda s: whole(data[2 * s:2 * s + 2]).square().sum(1).mean(), progress=False)
     for a, b in zip(accumulated.parameters(), whole.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_two_processes_through_accelerate_end_with_one_process_weights(tiny_model_dir, tmp_path):
+    """accelerate launch of the same command: two gloo processes of batch 1 each train as one process of batch 2 (the
+    same pictures, crops and noise; DDP's averaged gradients), and only the main process writes."""
+    import subprocess
+    import sys
+
+    from serving import free_port
+
+    folder = pictures(tmp_path / "pics")
+    flags = ["--model", str(tiny_model_dir), "--images", str(folder), "--resolution", "64", "--steps", "3",
+             "--lr", "1e-2", "--precision", "fp32", "--flip", "--train-text-encoder", "--noise-offset", "0.1",
+             "--seed", "6", "--device", "cpu"]
+    apart = tmp_path / "apart.safetensors"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), "-m", "stablediff.cli"]
+    done = subprocess.run([*launch, "finetune", str(apart), *flags, "--batch-size", "1"], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count(f"wrote {apart}") == 1  # the main process alone
+    assert cli.main(["finetune", str(tmp_path / "whole.safetensors"), *flags, "--batch-size", "2"]) == 0
+    whole, two = load_file(tmp_path / "whole.safetensors"), load_file(apart)
+    assert whole.keys() == two.keys()
+    # within float tolerance of AdamW's steps: each moves a weight by up to lr (1e-2) over its gradient's own size, so
+    # where a gradient is a near-cancelling sum of the pictures', the order of the sum (DDP's average against one
+    # batch's mean) shows at a few hundredths of a step; a different batch moves weights by whole steps
+    gap = max((two[k] - whole[k]).abs().max().item() for k in whole)
+    single = tmp_path / "single.safetensors"
+    assert cli.main(["finetune", str(single), *flags, "--batch-size", "1"]) == 0
+    other = max((load_file(single)[k] - whole[k]).abs().max().item() for k in whole)
+    print(f"two processes against one: {gap:.2e}; one of batch 1 against batch 2: {other:.2e}")
+    assert gap < 1e-3 < other
+
+
+def test_gradient_checkpointing_trains_the_same_and_samples_show_the_lora_as_it_is(tiny_model_dir, tmp_path):
+    from stablediff import StableDiffusion
+
+    folder = pictures(tmp_path / "pics")
+    plain = FinetuneSettings(resolution=64, steps=4, lr=2e-2, conv_rank=2, seed=7, precision="fp32")  # (as rendered)
+    finetune(tiny_model_dir, folder, tmp_path / "plain.safetensors", tmp_path / "w1", plain, CPU, progress=False)
+    sampled = FinetuneSettings(**dict(vars(plain), gradient_checkpointing=True, sample_every=2,
+                                      sample_prompt=("a yellow star", "a star on blue")))
+    out = tmp_path / "sampled.safetensors"
+    finetune(tiny_model_dir, folder, out, tmp_path / "w2", sampled, CPU, progress=False)
+    a, b = load_file(tmp_path / "plain.safetensors"), load_file(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # recomputed activations are the same ones; samples draw apart
+    names = sorted(p.name for p in (tmp_path / "w2" / "samples").glob("*.png"))
+    assert names == ["000002-0.png", "000002-1.png", "000004-0.png", "000004-1.png"]
+    last = Image.open(tmp_path / "w2" / "samples" / "000004-1.png")
+    assert "a star on blue" in last.info["parameters"]
+    ours = StableDiffusion.load(tiny_model_dir, device="cpu", dtype="fp32")
+    base = ours.txt2img(["a star on blue"], width=64, height=64, seed=[plain.seed + 1])
+    again = ours.use_loras([(out, 1.0)]).txt2img(["a star on blue"], width=64, height=64, seed=[plain.seed + 1])
+    assert_close([last], np.asarray(again[0])[None])  # every hooked layer drew, the feed-forward's and upsamplers' too
+    assert np.abs(np.asarray(last).astype(int) - np.asarray(base[0])).max() > 10
+
+
+def test_8bit_adamw_where_bitsandbytes_runs_and_resumes(tiny_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    folder = pictures(tmp_path / "pics")
+    settings = FinetuneSettings(resolution=64, steps=3, lr=1e-2, optimizer="adamw8bit", seed=8)
+    out = tmp_path / "eight.safetensors"
+    finetune(tiny_model_dir, folder, out, tmp_path / "work", settings, CPU, progress=False)
+    with safe_open(out, "pt") as f:
+        assert f.metadata()["ss_optimizer"].startswith("bitsandbytes.optim.AdamW8bit")
+    # two steps, then on from their checkpoint (a constant rate: the same as one run of three)
+    finetune(tiny_model_dir, folder, tmp_path / "two.safetensors", tmp_path / "w2", FinetuneSettings(
+        **dict(vars(settings), steps=2)), CPU, progress=False)
+    state = torch.load(tmp_path / "w2" / "lora.pt", weights_only=True)["optimizer"]["state"]
+    assert all("__bnb_optimizer_quant_state__" in v or "state1" in v for v in state.values())  # bitsandbytes' own
+    finetune(tiny_model_dir, folder, tmp_path / "three.safetensors", tmp_path / "w2", settings, CPU, progress=False)
+    whole, resumed = load_file(out), load_file(tmp_path / "three.safetensors")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    adamw = tmp_path / "adamw.safetensors"
+    finetune(tiny_model_dir, folder, adamw, tmp_path / "w3", FinetuneSettings(**dict(vars(settings), optimizer="adamw")),
+             CPU, progress=False)
+    assert any(not torch.equal(whole[k], load_file(adamw)[k]) for k in whole)

@@ -9,6 +9,7 @@ from stablediff.adapters.files import embedding_files
 from stablediff.checkpoints.hashing import sha256
 from stablediff.checkpoints.io import read_pickle, read_safetensors
 from stablediff.errors import UserError
+from stablediff.prompts import holds
 
 
 def read_embedding(path: Path) -> torch.Tensor:
@@ -50,7 +51,7 @@ class EmbeddingLibrary:
         found = []
         for name in self.paths:
             ids = tokenizer.tokens(name)
-            if name.lower() in lowered and any(s[i:i + len(ids)] == ids for s in streams for i in range(len(s))):
+            if name.lower() in lowered and any(holds(s, ids) for s in streams):
                 found.append(name)
         return found
 

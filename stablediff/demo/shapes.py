@@ -15,6 +15,10 @@ SIZE = 64
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (35, 70, 225), "yellow": (245, 220, 40),
            "white": (245, 245, 245), "black": (15, 15, 15), "purple": (135, 45, 175), "orange": (245, 135, 20)}
 SHAPES = ("circle", "square", "triangle")
+# a shape the demo model never saw, for fine-tuning it (bench/finetune_demo.py): a plus sign, each bar a third as thick
+# as it is long; the judge reads it too
+NEW_SHAPES = ("cross",)
+CROSS_BAR = 1 / 3
 # position name -> centre as a fraction of the side (x, y)
 POSITIONS = {"center": (0.5, 0.5), "left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25),
              "bottom": (0.5, 0.75), "top left": (0.25, 0.25), "top right": (0.75, 0.25),
@@ -67,6 +71,10 @@ def draw(scene: Scene, size: int = SIZE, supersample: int = 4) -> Image.Image:
         pen.ellipse((x - r, y - r, x + r, y + r), fill=fill)
     elif scene.shape == "square":
         pen.rectangle((x - r, y - r, x + r, y + r), fill=fill)
+    elif scene.shape == "cross":
+        t = r * CROSS_BAR
+        pen.rectangle((x - r, y - t, x + r, y + t), fill=fill)
+        pen.rectangle((x - t, y - r, x + t, y + r), fill=fill)
     else:  # upright; fills half its bounding box
         pen.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
     return image.resize((size, size), Image.BOX)
@@ -118,7 +126,8 @@ def _nearest(rgb: np.ndarray) -> str:
 
 def judge(image: Image.Image) -> dict:
     """What the picture shows, read from its pixels: background and shape colour (nearest named colour),
-    position (the shape's box centre, by thirds), shape (how much of its box it fills), size (box side)."""
+    position (the shape's box centre, by thirds), shape (how much of its box it fills, and for the sparse ones, the
+    upright triangle's top half against the cross's even halves), size (box side)."""
     a = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BOX), dtype=np.float32)
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
     bg = np.median(border, axis=0)
@@ -138,7 +147,10 @@ def judge(image: Image.Image) -> dict:
     found["colour"] = _nearest(np.median(a[core & mask], axis=0) if (core & mask).any() else np.median(a[mask], axis=0))
     h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
     fill = mask.sum() / (h * w)
-    found["shape"] = "triangle" if fill < 0.64 else "circle" if fill < 0.89 else "square"
+    found["shape"] = "circle" if fill < 0.89 else "square"
+    if fill < 0.64:  # a triangle has a quarter of itself above the middle of its box; a cross, half
+        top = (ys < ys.min() + h / 2).sum() / len(ys)
+        found["shape"] = "triangle" if top < 0.375 else "cross"
     thirds = lambda v: min(int(v / (SIZE / 3)), 2)
     col, row = thirds((xs.min() + xs.max() + 1) / 2), thirds((ys.min() + ys.max() + 1) / 2)
     horizontal, vertical = ("left", "", "right")[col], ("top", "", "bottom")[row]

@@ -33,8 +33,9 @@ def on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def geglu(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
     """h * gelu(gate) where proj(x) = [h, gate]: SD's feed-forward input. On oneDNN as two products, the gelu and the
     product by h done on each output as it is written (SD 1.5's 64x64 level, batch 2: fp32 58 ms against 78, bf16
-    19 ms against 21), and closer to exact: the gate is rounded once, not before and after its gelu."""
-    if on_onednn(x, proj.weight):
+    19 ms against 21), and closer to exact: the gate is rounded once, not before and after its gelu. A hooked proj (a
+    LoRA in training) runs its own forward, so the hooks see it."""
+    if on_onednn(x, proj.weight) and not proj._forward_hooks:
         b, b_gate = proj.bias.chunk(2) if proj.bias is not None else (None, None)
         x, (w, w_gate) = x.contiguous(), proj.weight.chunk(2)
         gate = torch.ops.mkldnn._linear_pointwise(x, w_gate, b_gate, "gelu", [], "none")
@@ -134,7 +135,8 @@ class Upsample(nn.Module):
 
     def forward(self, x, size=None):
         doubled = size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1])
-        if doubled and not torch.is_grad_enabled() and not winograd.applies(self.conv, x, scale=2):
+        if doubled and not torch.is_grad_enabled() and not winograd.applies(self.conv, x, scale=2) \
+                and not self.conv._forward_hooks:  # (a hooked conv, a LoRA in training, runs its own forward)
             return upsample_conv(x, self.conv, self.folded())
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")

@@ -29,8 +29,8 @@ class LoraFactors(nn.Module):
         nn.init.zeros_(self.lora_up.weight)
         self.rank, self.alpha = rank, alpha
 
-    def forward(self, x):
-        return self.lora_up(self.lora_down(x)) * (self.alpha / self.rank)
+    def forward(self, x):  # (in the factors' dtype: a frozen model may be in bf16 or fp16)
+        return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))) * (self.alpha / self.rank)
 
 
 def _canonical(model, prefixes=("lora_unet_", "lora_te_")) -> dict[tuple[str, str], str]:
@@ -81,16 +81,21 @@ class LoraNetwork(nn.Module):
             handle.remove()
         self.handles = []
 
+    def _weights(self):
+        """(kohya name, factors, down, up): each layer's factors in fp32 on the CPU (a linear layer's 2-d, a
+        convolution's 4-d)."""
+        for kohya, factors in self.factors.items():
+            yield (kohya, factors, factors.lora_down.weight.detach().float().cpu().contiguous(),
+                   factors.lora_up.weight.detach().float().cpu().contiguous())
+
     def kohya_state_dict(self) -> dict:
-        """lora_unet_* / lora_te_* with .lora_down.weight, .lora_up.weight and .alpha, in fp32, as kohya writes
-        them (a linear layer's factors 2-d, a convolution's 4-d)."""
+        """lora_unet_* / lora_te_* with .lora_down.weight, .lora_up.weight and .alpha, as kohya writes them."""
         import torch
 
         sd = {}
-        for kohya, factors in self.factors.items():
-            sd[f"{kohya}.lora_down.weight"] = factors.lora_down.weight.detach().float().cpu().contiguous()
-            sd[f"{kohya}.lora_up.weight"] = factors.lora_up.weight.detach().float().cpu().contiguous()
-            sd[f"{kohya}.alpha"] = torch.tensor(float(factors.alpha))
+        for kohya, factors, down, up in self._weights():
+            sd |= {f"{kohya}.lora_down.weight": down, f"{kohya}.lora_up.weight": up,
+                   f"{kohya}.alpha": torch.tensor(float(factors.alpha))}
         return sd
 
     def peft_state_dict(self, model) -> dict:
@@ -98,9 +103,7 @@ class LoraNetwork(nn.Module):
         so alpha / rank is folded into lora_B, which gives the same product."""
         names = _canonical(model, ("unet.", "text_encoder."))
         sd = {}
-        for kohya, factors in self.factors.items():
+        for kohya, factors, down, up in self._weights():
             name = names[self.targets[kohya]]
-            sd[f"{name}.lora_A.weight"] = factors.lora_down.weight.detach().float().cpu().contiguous()
-            sd[f"{name}.lora_B.weight"] = (factors.lora_up.weight.detach().float().cpu()
-                                           * (factors.alpha / factors.rank)).contiguous()
+            sd |= {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up * (factors.alpha / factors.rank)}
         return sd

@@ -37,22 +37,32 @@ def vae_loss(vae, images: torch.Tensor, generator: torch.Generator, kl_weight: f
     return (recon - images).abs().mean() + (recon - images).square().mean() + kl_weight * kl
 
 
+def rows(generator: torch.Generator | list[torch.Generator], n: int, draw) -> torch.Tensor:
+    """draw(generator, k) -> k rows, for a batch of n: one draw, or, given a generator per row, a draw from each (so
+    that a row's noise does not depend on the batch it is in: a batch split over processes draws as it does whole)."""
+    if isinstance(generator, torch.Generator):
+        return draw(generator, n)
+    return torch.cat([draw(g, 1) for g in generator])
+
+
 def diffusion_loss(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, schedule: TrainSchedule,
-                   generator: torch.Generator, noise_offset: float = 0.0, min_snr_gamma: float | None = None,
-                   text_skip: int | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+                   generator: torch.Generator | list[torch.Generator], noise_offset: float = 0.0,
+                   min_snr_gamma: float | None = None, text_skip: int | None = None,
+                   tokens: torch.Tensor | None = None) -> torch.Tensor:
     """The noise-prediction (or v) loss at timesteps drawn uniformly from the discrete training schedule.
-    latents: scaled latents (B,4,h,w); ids: (B,77) token ids of the captions. noise_offset: a per-channel constant
-    added to the noise (darker darks and lighter lights, as in kohya's --noise_offset); min_snr_gamma: each
-    sample's loss weighted min(SNR, gamma) / SNR (Hang et al. 2023; / (SNR + 1) for v); text_skip: the text
-    encoder's layers skipped (clip skip - 1 past its own); tokens: (B,77,D) token embeddings in place of the ids' own
-    (textual inversion's vectors written in)."""
-    b = latents.shape[0]
-    t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator, device=generator.device)
-    a = schedule.alphas_cumprod().float()[t].to(latents.device)[:, None, None, None]
-    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents)
+    latents: scaled latents (B,4,h,w); ids: (B,77) token ids of the captions; generator: one, or one per row (see
+    rows). noise_offset: a per-channel constant added to the noise (darker darks and lighter lights, as in kohya's
+    --noise_offset); min_snr_gamma: each sample's loss weighted min(SNR, gamma) / SNR (Hang et al. 2023; / (SNR + 1)
+    for v); text_skip: the text encoder's layers skipped (clip skip - 1 past its own); tokens: (B,77,D) token
+    embeddings in place of the ids' own (textual inversion's vectors written in)."""
+    b, c = latents.shape[:2]
+    t = rows(generator, b, lambda g, k: torch.randint(0, schedule.num_train_timesteps, (k,), generator=g, device=g.device))
+    a = schedule.alphas_cumprod().float()[t.cpu()].to(latents.device)[:, None, None, None]
+    noise = rows(generator, b, lambda g, k: torch.randn((k, *latents.shape[1:]), generator=g, device=g.device))
+    noise = noise.to(latents)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator,
-                                                   device=generator.device).to(latents)
+        noise = noise + noise_offset * rows(generator, b, lambda g, k: torch.randn(
+            (k, c, 1, 1), generator=g, device=g.device)).to(latents)
     x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
     target = noise if schedule.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
     context = text_encoder(ids) if text_skip is None and tokens is None else text_encoder(ids, text_skip, tokens)

@@ -54,7 +54,7 @@ class FinetuneSettings:
 
     method: str = "lora"  # "dreambooth": the UNet (and optionally the text encoder); "textual-inversion": vectors
     instance_prompt: str | None = None  # the caption of pictures with none of their own
-    class_prompt: str | None = None  # DreamBooth's prior preservation: pictures of the class, made by the base model
+    class_prompt: tuple[str, ...] = ()  # DreamBooth's prior preservation: pictures of these, made by the base model
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
     ema: bool = False  # DreamBooth: write the EMA of the weights, not the last ones
@@ -86,8 +86,12 @@ class FinetuneSettings:
     min_snr_gamma: float | None = None
     clip_skip: int = 1
     seed: int = 0
-    precision: str = "auto"  # bf16 autocast where bf16 is native (auto), always (bf16) or never (fp32)
+    precision: str = "auto"  # mixed precision through accelerate: auto (bf16 where native), bf16, fp16 (GPU), fp32
+    optimizer: str = "adamw"  # or "adamw8bit" (bitsandbytes)
+    gradient_checkpointing: bool = False
     checkpoint_every: int = 100
+    sample_prompt: tuple[str, ...] = ()  # pictures of these every sample_every steps, into the work folder
+    sample_every: int = 0
 
 
 DEFAULT_LR = {"lora": 1e-4, "dreambooth": 5e-6, "textual-inversion": 5e-3}
@@ -99,7 +103,8 @@ FINETUNE_HELP = {
     "vectors": "textual inversion: vectors the token stands for",
     "embedding_format": "textual inversion: a1111 (emb_params) or diffusers (learned_embeds: {token: vectors})",
     "class_prompt": "prior preservation: also train on pictures of this prompt that the base model makes (e.g. "
-                    "\"a photo of a dog\"), so that it keeps drawing the class as it did",
+                    "\"a photo of a dog\"), so that it keeps drawing the class as it did; repeat it for several "
+                    "prompts (the pictures are shared among them)",
     "num_class_images": "pictures of --class-prompt to make (once: kept in the work folder for reruns)",
     "prior_loss_weight": "the weight of the class pictures' loss", "ema": "DreamBooth: write the EMA weights",
     "save_dtype": "DreamBooth: the dtype of the checkpoint written",
@@ -123,5 +128,11 @@ FINETUNE_HELP = {
     "min_snr_gamma": "weight each timestep's loss by min(SNR, gamma) / SNR (5 is usual)",
     "clip_skip": "the text encoder layer to train with, as at generation (1: the last)",
     "seed": "seed of the data order, crops, noise and the LoRA's start",
-    "precision": "bf16 autocast where bf16 is native (auto), always (bf16) or never (fp32)",
-    "checkpoint_every": "steps between checkpoints (to resume from)"}
+    "precision": "mixed precision: auto (bf16 where the hardware has it, else fp32), bf16, fp16 (on a GPU, with loss "
+                 "scaling) or fp32",
+    "optimizer": "adamw, or adamw8bit (bitsandbytes' 8-bit moments: a quarter of the optimizer's memory)",
+    "gradient_checkpointing": "recompute each block's activations in the backward pass instead of keeping them "
+                              "(far less memory, about a third more time)",
+    "checkpoint_every": "steps between checkpoints (to resume from)",
+    "sample_prompt": "a prompt to draw every --sample-every steps, into the work folder's samples/ (repeatable)",
+    "sample_every": "steps between sample pictures (0: none)"}
