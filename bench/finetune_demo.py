@@ -1,5 +1,5 @@
-"""Fine-tuning the demo model a shape it has never seen: five pictures of a purple cross (shapes.NEW_SHAPES, which the
-judge reads on every drawn scene), captioned "a purple sks shape on a <colour> background" with white, yellow and
+"""Fine-tuning the demo model a shape it has never seen: five pictures of a purple cross (shapes.draw's "cross"; the
+judge reads it on every drawn scene), captioned "a purple sks shape on a <colour> background" with white, yellow and
 green backgrounds. Each method (LoRA and DreamBooth, each without and with prior preservation, and textual inversion)
 is trained with `stablediff finetune`'s code and judged by its pixels:
 - "sks": 100 seeds of "a purple sks shape on a <colour> background" over the four colours absent from the five
@@ -84,7 +84,8 @@ def main() -> None:
     runs = [("LoRA", lora), ("LoRA + prior preservation", dict(lora, prior=1)),
             ("DreamBooth", dict(method="dreambooth", lr=1e-4)),
             ("DreamBooth + prior preservation", dict(method="dreambooth", lr=1e-4, prior=1)),
-            ("textual inversion", dict(method="textual-inversion", lr=5e-3, token="sks", init_word="square", vectors=2))]
+            ("textual inversion",
+             dict(method="textual-inversion", lr=5e-3, token="sks", init_word="square", vectors=2))]
     rows = [f"| base model | - | {100 * base_cross:.0f}% | {100 * base_bg:.0f}% | " +
             " | ".join(f"{100 * base_shapes[s]:.0f}%" for s in SHAPES) + " | - |"]
     shown = None
@@ -121,7 +122,8 @@ def main() -> None:
             sheet.paste(Image.open(p), (64 * i, 0))
         for i, im in enumerate(shown):
             sheet.paste(im, (64 * i, 68))
-        sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(ROOT / "docs" / "images" / "finetune-demo.png")
+        sheet = sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST)
+        sheet.save(ROOT / "docs" / "images" / "finetune-demo.png")
     prepend("Fine-tuning the demo model a new shape (LoRA, DreamBooth, textual inversion)", [
         f"Machine: {machine()}.",
         f"Command: `python bench/finetune_demo.py {' '.join(sys.argv[1:])}`.".replace(" `.", "`."),

@@ -77,7 +77,8 @@ def reference(model: Path, configs: Path, size: int, steps: int, precision: str,
     unet, optimizer = accelerator.prepare(unet, optimizer)
     unet.train()
     folder = pictures(work / f"pics-{size}", size)
-    images = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1 for p in sorted(folder.glob("*.png"))]
+    images = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1
+              for p in sorted(folder.glob("*.png"))]
     ids = tokenizer("a photo of sks dog", padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
     times = []

@@ -15,9 +15,8 @@ SIZE = 64
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (35, 70, 225), "yellow": (245, 220, 40),
            "white": (245, 245, 245), "black": (15, 15, 15), "purple": (135, 45, 175), "orange": (245, 135, 20)}
 SHAPES = ("circle", "square", "triangle")
-# a shape the demo model never saw, for fine-tuning it (bench/finetune_demo.py): a plus sign, each bar a third as thick
-# as it is long; the judge reads it too
-NEW_SHAPES = ("cross",)
+# "cross", a shape the demo model never saw, for fine-tuning it (bench/finetune_demo.py): a plus sign, each bar a third
+# as thick as it is long; the judge reads it too
 CROSS_BAR = 1 / 3
 # position name -> centre as a fraction of the side (x, y)
 POSITIONS = {"center": (0.5, 0.5), "left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25),

@@ -181,8 +181,9 @@ def metadata(settings: FinetuneSettings, base: Path, model, examples, buckets: B
         "ss_lr_warmup_steps": settings.warmup, "ss_noise_offset": settings.noise_offset or None,
         "ss_min_snr_gamma": settings.min_snr_gamma, "ss_clip_skip": settings.clip_skip,
         "ss_mixed_precision": resolve_precision(settings.precision, model.device), "ss_flip_aug": settings.flip,
-        "ss_random_crop": not settings.center_crop, "ss_optimizer": {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit"}[
-            settings.optimizer] + "(weight_decay=0)", "ss_gradient_checkpointing": settings.gradient_checkpointing,
+        "ss_random_crop": not settings.center_crop,
+        "ss_optimizer": {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit"}[settings.optimizer]
+        + "(weight_decay=0)", "ss_gradient_checkpointing": settings.gradient_checkpointing,
         "ss_gradient_accumulation_steps": settings.grad_accum,
         "ss_dataset_dirs": json.dumps({name: {"n_repeats": repeats[name], "img_count": n} for name, n in folders.items()}),
         "ss_tag_frequency": json.dumps(tags), "ss_training_comment": "stablediff finetune"}
@@ -254,8 +255,7 @@ def finetune(base: Path, images: Path, out: Path, work: Path, settings: Finetune
     device = acc.device if acc.num_processes > 1 else device
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
     # the frozen weights in the run's precision (as diffusers' training scripts keep them), trained ones in fp32
-    precision = resolve_precision(settings.precision, device)
-    frozen = "fp32" if settings.method == "dreambooth" else {"bf16": "bf16", "fp16": "fp16"}.get(precision, "fp32")
+    frozen = "fp32" if settings.method == "dreambooth" else resolve_precision(settings.precision, device)
     model = StableDiffusion.load(base, device=device, dtype=frozen, **load_options)
     usable = model.text_encoder.config.layers - model.text_encoder.config.skip_layers
     if settings.clip_skip > usable:
@@ -331,8 +331,8 @@ def finetune(base: Path, images: Path, out: Path, work: Path, settings: Finetune
         else:
             _write_checkpoint(base, model, emas, settings, out, load_options)
     acc.wait_for_everyone()
-    return {"losses": run.losses, "step_seconds": run.seconds, "steps": steps, "seconds": time.time() - started, "class_images": len(prior),
-            "parameters": sum(p.numel() for m in modules.values() for p in m.parameters()), "main": main}
+    return {"losses": run.losses, "step_seconds": run.seconds, "steps": steps, "seconds": time.time() - started,
+            "class_images": len(prior), "parameters": sum(p.numel() for m in modules.values() for p in m.parameters()), "main": main}
 
 
 def _write_file(out: Path, tensors: dict, meta: dict[str, str]) -> None:

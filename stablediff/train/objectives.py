@@ -56,7 +56,8 @@ def diffusion_loss(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor,
     for v); text_skip: the text encoder's layers skipped (clip skip - 1 past its own); tokens: (B,77,D) token
     embeddings in place of the ids' own (textual inversion's vectors written in)."""
     b, c = latents.shape[:2]
-    t = rows(generator, b, lambda g, k: torch.randint(0, schedule.num_train_timesteps, (k,), generator=g, device=g.device))
+    t = rows(generator, b, lambda g, k: torch.randint(0, schedule.num_train_timesteps, (k,), generator=g,
+                                                      device=g.device))
     a = schedule.alphas_cumprod().float()[t.cpu()].to(latents.device)[:, None, None, None]
     noise = rows(generator, b, lambda g, k: torch.randn((k, *latents.shape[1:]), generator=g, device=g.device))
     noise = noise.to(latents)
