@@ -289,19 +289,50 @@ def _add_watermark(sub) -> None:
                    help="read this many bytes whatever they are, instead of looking for --text")
 
 
-def _add_serve(sub) -> None:
+_LIMIT_FLAGS = (("--max-queue", "max_queued", "jobs waiting in all"),
+                ("--max-queue-per-user", "max_queued_per_user", "jobs waiting per user"),
+                ("--max-pixels", "max_pixels", "pixels of an image"),
+                ("--max-steps", "max_steps", "sampling steps of a job"),
+                ("--max-images", "max_images", "images of a job (batch_size x n_iter)"),
+                ("--max-batch", "max_batch", "images rendered together (jobs batched up to it)"),
+                ("--max-prompt", "max_prompt", "characters of a prompt"),
+                ("--max-upload", "max_upload", "bytes of a request"))
+
+
+def _add_queue_flags(p, who: str, limits: tuple[str, ...]) -> None:
+    """The flags `serve` and `worker` share: the queue, the models, how they render, and limits."""
     from stablediff.server.jobs import Limits
 
-    p = sub.add_parser("serve", help="an HTTP server: a job API under /v1 and AUTOMATIC1111's under /sdapi/v1",
-                       description="Serve the model over HTTP, with a persistent queue (SQLite), progress, previews, "
-                                   "cancel, authentication and limits. Binds 127.0.0.1 unless told otherwise.")
-    p.add_argument("--model", "--ckpt", help="the default model (default: the demo model)")
+    p.add_argument("--db", "--state", dest="db", metavar="DB",
+                   help="the queue: a SQLite file (default OUTDIR/queue.sqlite3) or a PostgreSQL address, "
+                        "postgresql://USER:PASS@HOST/DATABASE, that servers and workers on other machines share")
+    p.add_argument("--heartbeat-timeout", type=number, default=60, metavar="S",
+                   help="a PostgreSQL queue: a worker not heard from for S seconds has its jobs run elsewhere (default 60)")
+    p.add_argument("--model", "--ckpt", help=f"the default model {who} (default: the demo model)")
     p.add_argument("--models-dir", help="more models jobs may choose by file name (.safetensors, .ckpt, diffusers folders)")
+    p.add_argument("--lora-dir", help="the LoRA files <lora:name:weight> may name")
+    p.add_argument("--embeddings-dir", help="the textual inversion files prompts may name")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", default="autocast", choices=("autocast", "full", "fp32", "fp16", "bf16"))
+    _add_finish_flags(p, "every image of every job (users cannot turn it off)")
+    defaults = Limits()
+    for flag, name, help_text in _LIMIT_FLAGS:
+        if name in limits:
+            p.add_argument(flag, type=int, default=getattr(defaults, name), dest=name,
+                           help=f"the most {help_text} (default {getattr(defaults, name)})")
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an HTTP server: a job API under /v1 and AUTOMATIC1111's under /sdapi/v1",
+                       description="Serve the model over HTTP, with a persistent queue (SQLite, or PostgreSQL shared "
+                                   "with other servers and workers), progress, previews, cancel, authentication and "
+                                   "limits. Binds 127.0.0.1 unless told otherwise.")
     p.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="the port (default 7860, as AUTOMATIC1111)")
     p.add_argument("--listen", action="store_true", help="bind every interface (0.0.0.0); needs --auth or --auth-file")
     p.add_argument("--outdir", default="outputs/server", help="images, uploads and the queue (default outputs/server)")
-    p.add_argument("--state", help="the queue's SQLite file (default OUTDIR/queue.sqlite3)")
+    p.add_argument("--no-worker", dest="render", action="store_false",
+                   help="only queue and answer; `stablediff worker --db` processes render (needs a PostgreSQL --db)")
     p.add_argument("--auth", action="append", default=[], metavar="USER:PASS",
                    help="a user for both APIs (HTTP Basic); repeatable; the password may hold ':'")
     p.add_argument("--auth-file", help="users, one USER:HASH[:admin] a line (hashes from --hash-password)")
@@ -309,22 +340,77 @@ def _add_serve(sub) -> None:
     p.add_argument("--hash-password", action="store_true", help="read a password on stdin, print its hash for --auth-file")
     p.add_argument("--cors-allow-origins", nargs="*", default=[], metavar="ORIGIN",
                    help="other origins whose pages may call this server (default: none)")
+    _add_queue_flags(p, "", tuple(name for _, name, _ in _LIMIT_FLAGS))
+
+
+def _add_worker(sub) -> None:
+    p = sub.add_parser("worker", help="render the jobs of a shared PostgreSQL queue (servers elsewhere take them)",
+                       description="Take jobs from the PostgreSQL queue that `stablediff serve --db` servers fill, "
+                                   "render them and store their images there. Run one per GPU, on any machine that "
+                                   "reaches the database; each takes only jobs of the models it has. Ctrl-C or "
+                                   "SIGTERM puts the batch it is rendering back in the queue.")
+    _add_queue_flags(p, "of this worker", ("max_pixels", "max_batch"))
+
+
+def _add_batch(sub) -> None:
+    p = sub.add_parser("batch", help="many jobs from a file, here or on a Ray cluster; a rerun does what is left",
+                       description="Render every job of JOBS: a JSON Lines file (an object a line with the parameters "
+                                   "/v1/jobs takes: prompt, negative_prompt, seed, width, height, sampler, steps, "
+                                   "model, task, id, image paths relative to the file, ...) or a prompts file (a "
+                                   "prompt a line). PNGs with their infotext go to OUTDIR (a folder, or any URI "
+                                   "pyarrow reaches: s3://...), named by the job's id, then OUTDIR/jobs/ID.json; "
+                                   "OUTDIR/manifest.jsonl lists every job at the end. A rerun skips what is done; a "
+                                   "job that fails is recorded with its reason and the rest go on.")
+    p.add_argument("jobs", metavar="JOBS", help="a .jsonl file of jobs, or a text file of prompts")
+    p.add_argument("--outdir", required=True, help="where the images and the manifest go (a folder or a URI)")
+    p.add_argument("--seeds", type=batch_seeds, metavar="LIST", help="every line once per seed: 1,2,10-19")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster (needs stablediff[ray]): the one `ray start` made on this machine, or "
+                        "ADDRESS (HOST:PORT or ray://HOST:10001); an actor per GPU, or per node without GPUs")
+    p.add_argument("--actors", type=int, metavar="N", help="with --ray: this many actors (default: one per GPU or node)")
+    p.add_argument("--cpus-per-actor", type=number, metavar="C",
+                   help="with --ray: CPUs each actor takes (and its torch threads, without GPUs; default: an equal share)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch's CPU threads in each renderer (default: torch's own here, the actor's CPUs on Ray); "
+                        "equal pixels on the CPU need equal counts: sums split over other thread counts differ in "
+                        "the last bit")
+    p.add_argument("--model", "--ckpt", help="the model jobs that name none use (default: the demo model)")
+    p.add_argument("--models-dir", help="more models jobs may name by file name")
     p.add_argument("--lora-dir", help="the LoRA files <lora:name:weight> may name")
     p.add_argument("--embeddings-dir", help="the textual inversion files prompts may name")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="autocast", choices=("autocast", "full", "fp32", "fp16", "bf16"))
-    _add_finish_flags(p, "every image of every job (users cannot turn it off)")
-    limits = Limits()
-    for flag, name, help_text in (("--max-queue", "max_queued", "jobs waiting in all"),
-                                  ("--max-queue-per-user", "max_queued_per_user", "jobs waiting per user"),
-                                  ("--max-pixels", "max_pixels", "pixels of an image"),
-                                  ("--max-steps", "max_steps", "sampling steps of a job"),
-                                  ("--max-images", "max_images", "images of a job (batch_size x n_iter)"),
-                                  ("--max-batch", "max_batch", "images rendered together (jobs batched up to it)"),
-                                  ("--max-prompt", "max_prompt", "characters of a prompt"),
-                                  ("--max-upload", "max_upload", "bytes of a request")):
-        p.add_argument(flag, type=int, default=getattr(limits, name), dest=name,
-                       help=f"the most {help_text} (default {getattr(limits, name)})")
+
+
+def batch_seeds(text: str) -> list[int]:
+    from stablediff.batch import parse_seeds
+
+    try:
+        return parse_seeds(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def batch(args) -> int:
+    from stablediff.api import DEMO_MODEL
+    from stablediff.batch import read_jobs, run
+
+    model = Path(args.model) if args.model else DEMO_MODEL
+    if not model.exists():
+        raise UserError(f"model {model} not found: pass --model with a .safetensors/.ckpt file or a diffusers folder")
+    if args.ray is None and (args.actors or args.cpus_per_actor):
+        raise UserError("--actors and --cpus-per-actor are for --ray")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: give 1 or more")
+    jobs = read_jobs(Path(args.jobs), args.seeds)
+    renderer = {"model": str(model), "models_dir": args.models_dir, "device": args.device, "dtype": args.precision,
+                "lora_dir": args.lora_dir, "embeddings_dir": args.embeddings_dir, "threads": args.threads}
+    counts = run(jobs, args.outdir, renderer, ray_address=args.ray or None, use_ray=args.ray is not None,
+                 actors=args.actors, cpus_per_actor=args.cpus_per_actor)
+    print(f"stablediff batch: {counts['done']} rendered, {counts['skipped']} done before, {counts['failed']} failed "
+          f"(reasons in {args.outdir}/manifest.jsonl)" if counts["failed"] else
+          f"stablediff batch: {counts['done']} rendered, {counts['skipped']} done before", file=sys.stderr)
+    return 1 if counts["failed"] else 0
 
 
 def serve(args) -> None:
@@ -345,21 +431,65 @@ def serve(args) -> None:
                         "stablediff again") from None
     config, host = _server_config(args)
     print(f"stablediff: serving {config.model.name} on http://{host}:{args.port} (open it in a browser; API docs at "
-          "/docs)" + ("; every image screened by the safety checker" if config.safety_checker else ""), file=sys.stderr)
+          "/docs)" + ("; every image screened by the safety checker" if config.safety_checker else "") +
+          ("" if config.render else "; `stablediff worker` processes render its jobs"), file=sys.stderr)
     if config.safety_checker is None and config.users.enabled:
         print("stablediff: note: other people can use this server and its images are not screened: "
               "--safety-checker PATH screens them (see the README)", file=sys.stderr)
     uvicorn.run(create_app(config), host=host, port=args.port, log_level="warning")
 
 
+def worker(args) -> int:
+    from stablediff.server.app import make_worker
+    from stablediff.server.jobs import find_models
+    from stablediff.server.store import open_store
+
+    config = _queue_config(args, Path("."))
+    if not (config.db or "").startswith(("postgresql://", "postgres://")):
+        raise UserError("stablediff worker needs the shared queue: --db postgresql://USER:PASS@HOST/DATABASE (the one "
+                        "the servers were given)")
+    store = open_store(config.db, Path("."), config.heartbeat_timeout)
+    models = find_models(config.model, config.models_dir)
+    work = make_worker(store, models, config)
+    work.start()
+    print(f"stablediff worker {work.id}: taking jobs for {', '.join(models)}", file=sys.stderr)
+    try:
+        while work.thread.is_alive():
+            work.thread.join(1)
+    except KeyboardInterrupt:
+        work.stop()
+        print("stablediff worker: stopped; the jobs it was rendering went back to the queue", file=sys.stderr)
+    finally:
+        store.close()
+    return 0
+
+
+def _queue_config(args, outdir: Path, **more):
+    """The configuration `serve` and `worker` share, from their flags, checked."""
+    from stablediff.api import DEMO_MODEL
+    from stablediff.server.app import ServerConfig
+    from stablediff.server.jobs import Limits
+
+    model = Path(args.model) if args.model else DEMO_MODEL
+    if not model.exists():
+        raise UserError(f"model {model} not found: pass --model with a .safetensors/.ckpt file or a diffusers folder")
+    if args.heartbeat_timeout <= 0:
+        raise UserError(f"--heartbeat-timeout {args.heartbeat_timeout}: give a number of seconds above 0")
+
+    def folder(value):
+        return Path(value) if value else None
+    limits = Limits(**{name: getattr(args, name) for name in vars(Limits()) if hasattr(args, name)})
+    return ServerConfig(model=model, outdir=outdir, db=args.db, models_dir=folder(args.models_dir),
+                        lora_dir=folder(args.lora_dir), embeddings_dir=folder(args.embeddings_dir), device=args.device,
+                        dtype=args.precision, limits=limits, safety_checker=_server_checker(args, model),
+                        watermark=args.watermark, heartbeat_timeout=args.heartbeat_timeout, **more)
+
+
 def _server_config(args):
     """The server's configuration from its flags, checked: no other address than loopback without users."""
     import ipaddress
 
-    from stablediff.api import DEMO_MODEL
-    from stablediff.server.app import ServerConfig
     from stablediff.server.auth import Users
-    from stablediff.server.jobs import Limits
 
     users = Users.from_options(args.auth, args.auth_file, args.admin)
     host = "0.0.0.0" if args.listen else args.host
@@ -369,21 +499,15 @@ def _server_config(args):
         loopback = False
     if not loopback and not users.enabled:
         raise UserError(f"refusing to serve {host} without authentication: add --auth USER:PASS or --auth-file F")
-    model = Path(args.model) if args.model else DEMO_MODEL
-    if not model.exists():
-        raise UserError(f"model {model} not found: pass --model with a .safetensors/.ckpt file or a diffusers folder")
+    if not args.render and not (args.db or "").startswith(("postgresql://", "postgres://")):
+        raise UserError("--no-worker: then `stablediff worker` processes render, and they need a queue they share: "
+                        "add --db postgresql://USER:PASS@HOST/DATABASE")
     try:
         Path(args.outdir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--outdir {args.outdir}: cannot be made ({e.strerror or e})") from None
-
-    def folder(value):
-        return Path(value) if value else None
-    limits = Limits(**{name: getattr(args, name) for name in vars(Limits())})
-    return ServerConfig(model=model, outdir=Path(args.outdir), state=folder(args.state), models_dir=folder(args.models_dir),
-                        lora_dir=folder(args.lora_dir), embeddings_dir=folder(args.embeddings_dir), device=args.device,
-                        dtype=args.precision, users=users, cors_origins=tuple(args.cors_allow_origins),
-                        limits=limits, safety_checker=_server_checker(args, model), watermark=args.watermark), host
+    return _queue_config(args, Path(args.outdir), users=users, cors_origins=tuple(args.cors_allow_origins),
+                         render=args.render), host
 
 
 def _server_checker(args, model: Path) -> Path | None:
@@ -432,6 +556,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     _add_finetune(sub)
     _add_eval(sub)
     _add_serve(sub)
+    _add_worker(sub)
+    _add_batch(sub)
     _add_watermark(sub)
     args = parser.parse_args(argv)
     if getattr(args, "from_png", None):  # the PNG's settings become defaults, so flags given still win
@@ -878,7 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminate)
     try:
         commands = {"convert": convert, "info": info, "train": train, "finetune": finetune, "eval-demo": eval_demo,
-                    "serve": serve, "watermark": watermark}
+                    "serve": serve, "worker": worker, "batch": batch, "watermark": watermark}
         status = commands.get(args.command, generate)(args)
         sys.stdout.flush()
     except UserError as e:

@@ -1,6 +1,8 @@
 """The one exception type users see (its message is a complete one-line explanation), and the one line for an
-allocation that failed."""
+allocation that failed, or for a job that failed on something else."""
+import logging
 import re
+import traceback
 from contextlib import contextmanager
 
 
@@ -31,3 +33,13 @@ def out_of_memory(e: BaseException) -> str | None:
     size = asked and (f"{int(asked.group(1)) / 2**30:.1f} GiB" if asked.group(1).isdigit() else asked.group(1))
     return (f"out of memory{f': one allocation of {size} was asked for' if size else ''}; try a smaller --H/--W, "
             "--n_samples or --max-pixels")
+
+
+def failure(e: Exception) -> str:
+    """One line for a job (of the server, of a batch) that failed on something other than its request; the
+    traceback goes to the log."""
+    line = out_of_memory(e) if isinstance(e, (MemoryError, RuntimeError)) else None
+    if line is None:
+        logging.getLogger("stablediff.server").error("a job failed:\n%s", "".join(traceback.format_exception(e)))
+        line = f"internal error ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else 'no message'})"
+    return line

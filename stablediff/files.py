@@ -107,16 +107,30 @@ def load_image(path, mode: str = "RGB"):
         raise UserError(f"{path}: not an image Pillow can read ({e})") from None
 
 
-def write_png(image, path: Path | None, parameters: str | None, folder: Path | None = None, name: str = "",
-              durable: bool = False) -> Path:
-    """A PNG with its generation parameters, written whole: to `path` (replacing it; durable: see write_atomic), or at
-    the next free number of `name` in `folder` (never overwriting). Pillow writes the text as iTXt where it is not
-    Latin-1."""
+def _png_info(parameters: str | None):
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
+    return info
+
+
+def png_bytes(image, parameters: str | None) -> bytes:
+    """The PNG write_png writes, as bytes."""
+    import io
+
+    out = io.BytesIO()
+    image.save(out, format="PNG", pnginfo=_png_info(parameters))
+    return out.getvalue()
+
+
+def write_png(image, path: Path | None, parameters: str | None, folder: Path | None = None, name: str = "",
+              durable: bool = False) -> Path:
+    """A PNG with its generation parameters, written whole: to `path` (replacing it; durable: see write_atomic), or at
+    the next free number of `name` in `folder` (never overwriting). Pillow writes the text as iTXt where it is not
+    Latin-1."""
+    info = _png_info(parameters)
 
     def write(tmp):
         image.save(tmp, format="PNG", pnginfo=info)

@@ -16,8 +16,7 @@ from stablediff.server import routes_a1111, routes_v1, routes_web
 from stablediff.server.auth import Users
 from stablediff.server.deps import current_user
 from stablediff.server.jobs import Changes, Limits, NotFound, Services, TooLarge, find_models
-from stablediff.server.store import QueueFull
-from stablediff.server.store_sqlite import SQLiteStore
+from stablediff.server.store import QueueFull, open_store
 from stablediff.server.worker import Worker
 
 log = logging.getLogger("stablediff.server")
@@ -28,7 +27,9 @@ UNSAFE = ("POST", "PUT", "PATCH", "DELETE")
 class ServerConfig:
     model: Path
     outdir: Path
-    state: Path | None = None  # the SQLite file (default: OUTDIR/queue.sqlite3)
+    db: str | None = None  # the queue: a SQLite file (default OUTDIR/queue.sqlite3) or a postgresql:// address
+    render: bool = True  # False: only queue and answer (`stablediff worker` processes share a PostgreSQL queue)
+    heartbeat_timeout: float = 60  # a shared queue: seconds without a worker's heartbeat before its jobs run again
     models_dir: Path | None = None
     lora_dir: Path | None = None
     embeddings_dir: Path | None = None
@@ -43,13 +44,10 @@ class ServerConfig:
 
 
 def create_app(config: ServerConfig) -> FastAPI:
-    store = SQLiteStore(config.state or config.outdir / "queue.sqlite3")
+    store = open_store(config.db, config.outdir, config.heartbeat_timeout)
     models = find_models(config.model, config.models_dir)
     changes = Changes()
-    worker = Worker(store, config.outdir, models, device=config.device, dtype=config.dtype, lora_dir=config.lora_dir,
-                    embeddings_dir=config.embeddings_dir, safety_checker=config.safety_checker,
-                    watermark=config.watermark, max_batch=config.limits.max_batch,
-                    max_pixels=config.limits.max_pixels, preview_every=config.preview_every, on_change=changes.notify)
+    worker = make_worker(store, models, config, changes.notify) if config.render else None
     svc = Services(store, worker, config.outdir, models, config.limits, config.lora_dir, config.embeddings_dir,
                    default_model=config.model.name, models_dir=config.models_dir, watermark=config.watermark,
                    settings={"CLIP_stop_at_last_layers": store.setting("CLIP_stop_at_last_layers", 1)}, changes=changes)
@@ -59,9 +57,14 @@ def create_app(config: ServerConfig) -> FastAPI:
         requeued, failed = store.recover()
         if requeued or failed:
             log.warning("after the last stop: %d job(s) queued again, %d failed", requeued, failed)
-        worker.start()
+        if store.shared:
+            store.listen(changes.notify)  # the steps and ends of jobs that workers elsewhere render
+        if worker is not None:
+            worker.start()
         yield
-        worker.stop()
+        if worker is not None:
+            worker.stop()
+        store.close()
 
     app = FastAPI(title="stablediff", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None,
@@ -74,6 +77,14 @@ def create_app(config: ServerConfig) -> FastAPI:
     _guards(app, config)
     _errors(app)
     return app
+
+
+def make_worker(store, models: dict[str, Path], config: ServerConfig, on_change=lambda ids: None) -> Worker:
+    """The worker a server runs in its own process, or `stablediff worker` runs alone."""
+    return Worker(store, models, device=config.device, dtype=config.dtype, lora_dir=config.lora_dir,
+                  embeddings_dir=config.embeddings_dir, safety_checker=config.safety_checker,
+                  watermark=config.watermark, max_batch=config.limits.max_batch, max_pixels=config.limits.max_pixels,
+                  preview_every=config.preview_every, on_change=on_change, beat_every=config.heartbeat_timeout / 4)
 
 
 def docs_router(app: FastAPI) -> APIRouter:

@@ -16,10 +16,9 @@ from pathlib import Path
 from stablediff import checks, tasks
 from stablediff.adapters.files import embedding_files, lora_file, lora_files
 from stablediff.errors import UserError, about
-from stablediff.files import write_atomic
 from stablediff.safety import FLAGGED, check_watermark_size
 from stablediff.server.auth import User
-from stablediff.server.store import FINAL, Job, Store, image_file, input_file
+from stablediff.server.store import FINAL, Job, Store
 
 _LORA_TAG = re.compile(r"<(?:lora|lyco):([^>]*)>")
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt")
@@ -80,7 +79,7 @@ class Services:
     """The server's parts, as the routes see them."""
 
     store: Store
-    worker: object  # worker.Worker
+    worker: object | None  # worker.Worker; None: `stablediff worker` processes render (a shared queue)
     outdir: Path
     models: dict[str, Path]
     limits: Limits
@@ -91,6 +90,11 @@ class Services:
     watermark: str | None = None  # every image is watermarked: it must be large enough
     settings: dict = field(default_factory=dict)  # AUTOMATIC1111's options that apply to every job (clip skip)
     changes: Changes = field(default_factory=Changes)
+
+    def wake(self) -> None:
+        """A job was queued: the server's own worker looks at once (others look within a fraction of a second)."""
+        if self.worker is not None:
+            self.worker.wake.set()
 
     def model_name(self) -> str:
         name = self.store.setting("sd_model_checkpoint", self.default_model)
@@ -140,12 +144,12 @@ def _input(image) -> tuple[str, object]:
 
 
 def _keep_inputs(svc: Services, inputs: dict) -> None:
-    """The images of an accepted job as PNGs under inputs/ (written whole; an identical one is kept once)."""
+    """The images of an accepted job as PNGs in the store, where any worker finds them (an identical one is kept
+    once)."""
     for digest, image in inputs.items():
-        path = input_file(svc.outdir, digest)
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        svc.store.keep_input(digest, out.getvalue())
 
 
 def _check_loras(svc: Services, prompt: str, negative: str) -> list[str]:
@@ -291,20 +295,23 @@ def cancel(svc: Services, user: User, job_id: str) -> str:
     return state
 
 
-def image_path(svc: Services, user: User, job_id: str, n: int) -> Path:
+def image_png(svc: Services, user: User, job_id: str, n: int) -> bytes:
     job = owned(svc, user, job_id)
-    if not any(im["n"] == n for im in job.images):
+    data = svc.store.image(job.id, n) if any(im["n"] == n for im in job.images) else None
+    if data is None:
         raise NotFound(f"job {job_id} has no image {n}")
-    return image_file(svc.outdir, job.id, n)
+    return data
 
 
-def input_path(svc: Services, user: User, job_id: str, name: str) -> Path:
-    """A job's input image (its `image`, `mask`, ...) as the server keeps it: a PNG under inputs/, by its hash."""
+def input_png(svc: Services, user: User, job_id: str, name: str) -> bytes:
+    """A job's input image (its `image`, `mask`, ...) as the server keeps it: a PNG by the hash of its pixels."""
     job = owned(svc, user, job_id)
     p = tasks.params(job.task).get(name)
-    if p is None or p.kind is not tasks.IMAGE or not job.params.get(name):
+    data = svc.store.input(job.params[name]) if p is not None and p.kind is tasks.IMAGE and job.params.get(name) \
+        else None
+    if data is None:
         raise NotFound(f"job {job_id} has no input image {name!r}")
-    return input_file(svc.outdir, job.params[name])
+    return data
 
 
 async def wait(svc: Services, job_id: str) -> Job:
@@ -325,8 +332,8 @@ def running_of(svc: Services, user: User) -> Job | None:
 
 
 def preview(svc: Services, job: Job) -> bytes | None:
-    live = svc.worker.live.get(job.id)
-    return live.preview if live is not None else None
+    found = svc.store.preview(job.id)
+    return found[1] if found is not None else None
 
 
 def lora_names(svc: Services) -> list[dict]:

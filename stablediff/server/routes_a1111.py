@@ -16,7 +16,6 @@ from stablediff.server import jobs
 from stablediff.server.auth import User
 from stablediff.server.deps import current_user, services
 from stablediff.server.schemas import A1111Img2Img, A1111Txt2Img, PngInfoRequest
-from stablediff.server.store import image_file
 
 router = APIRouter(prefix="/sdapi/v1", dependencies=[Depends(current_user)], tags=["automatic1111"])
 
@@ -60,11 +59,11 @@ def _title(svc, name: str) -> str:
 async def _run(svc, user: User, body: dict, request_echo: dict) -> dict:
     """Queue the job, wait for its end, and answer as the webui does: images, parameters, info."""
     job = await asyncio.to_thread(jobs.submit, svc, user, body)
-    svc.worker.wake.set()
+    svc.wake()
     job = await jobs.wait(svc, job.id)
     if job.state == "failed":  # it was accepted but could not be made: the reason, never a bare 500
         return JSONResponse({"error": f"the job failed: {job.error}", "job_id": job.id}, status_code=422)
-    images = [base64.b64encode(image_file(svc.outdir, job.id, im["n"]).read_bytes()).decode() for im in job.images]
+    images = [base64.b64encode(svc.store.image(job.id, im["n"])).decode() for im in job.images]
     return {"images": images, "parameters": request_echo, "info": json.dumps(_info(svc, job))}
 
 
@@ -238,7 +237,8 @@ def memory(svc=Depends(services)):
     page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
     total = page * os.sysconf("SC_PHYS_PAGES") if page else 0
     free = page * os.sysconf("SC_AVPHYS_PAGES") if page else 0
-    return {"ram": {"free": free, "used": total - free, "total": total}, "cuda": svc.worker.memory()}
+    cuda = svc.worker.memory() if svc.worker is not None else {"error": "this server does not render (workers do)"}
+    return {"ram": {"free": free, "used": total - free, "total": total}, "cuda": cuda}
 
 
 @router.get("/scripts")

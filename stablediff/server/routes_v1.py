@@ -4,7 +4,7 @@ import base64
 import json
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from stablediff import names, tasks
 from stablediff.errors import UserError
@@ -43,7 +43,7 @@ async def _job_request(request: Request) -> tuple[dict, dict]:
 async def post_job(request: Request, user: User = Depends(current_user), svc=Depends(services)):
     body, uploads = await _job_request(request)
     job = await asyncio.to_thread(jobs.submit, svc, user, body, uploads)
-    svc.worker.wake.set()
+    svc.wake()
     return {"id": job.id, "position": svc.store.position(job)}
 
 
@@ -78,10 +78,10 @@ async def job_events(job_id: str, preview_every: int = 1, user: User = Depends(c
             if now != last:
                 yield f"event: {'progress' if job.state == 'running' else job.state}\ndata: {json.dumps(now)}\n\n"
                 last = now
-            live = svc.worker.live.get(job_id)
-            if live is not None and live.preview and live.preview_step >= sent_preview + preview_every:
-                sent_preview = live.preview_step
-                data = {"step": live.preview_step, "png": base64.b64encode(live.preview).decode()}
+            live = svc.store.preview(job_id)
+            if live is not None and live[0] >= sent_preview + preview_every:
+                sent_preview = live[0]
+                data = {"step": live[0], "png": base64.b64encode(live[1]).decode()}
                 yield f"event: preview\ndata: {json.dumps(data)}\n\n"
             if job.state in ("done", "failed", "cancelled"):
                 yield f"event: end\ndata: {json.dumps(view)}\n\n"
@@ -92,12 +92,12 @@ async def job_events(job_id: str, preview_every: int = 1, user: User = Depends(c
 
 @router.get("/images/{job_id}/{n}.png", summary="an image, the PNG exactly as the command line writes it")
 def get_image(job_id: str, n: int, user: User = Depends(current_user), svc=Depends(services)):
-    return FileResponse(jobs.image_path(svc, user, job_id, n), media_type="image/png", headers=IMMUTABLE)
+    return Response(jobs.image_png(svc, user, job_id, n), media_type="image/png", headers=IMMUTABLE)
 
 
 @router.get("/jobs/{job_id}/inputs/{name}.png", summary="a job's input image (image, mask, depth_map) as sent")
 def get_input(job_id: str, name: str, user: User = Depends(current_user), svc=Depends(services)):
-    return FileResponse(jobs.input_path(svc, user, job_id, name), media_type="image/png", headers=IMMUTABLE)
+    return Response(jobs.input_png(svc, user, job_id, name), media_type="image/png", headers=IMMUTABLE)
 
 
 @router.get("/models", summary="the models a job may name")

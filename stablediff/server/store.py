@@ -4,7 +4,12 @@
     queued -> cancelled
     running -> queued   (the server stopped while it ran: it runs again, at most MAX_ATTEMPTS times)
 
-A result is recorded once: `finish` only moves a job that is running, and its images are on disk before it does.
+A result is recorded once: `finish` only moves a job that is running (on this worker), and its images are stored
+before it does (SQLite: files under the server's folder; PostgreSQL: rows of the same transaction).
+
+Two implementations: store_sqlite.SQLiteStore (one server and its own worker) and store_postgres.PostgresStore (any
+number of servers and `stablediff worker` processes on any machines: workers claim with row locks, send heartbeats,
+and a job whose worker stopped beating goes back to the queue).
 """
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,17 +56,56 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+def choose_batch(queued: list[Job], max_images: int, models=None) -> list[Job]:
+    """Of the queued jobs (oldest first), the oldest one this worker can render (its model among `models`; None:
+    any) and the jobs after it that can share its batch (the same batch key, at most max_images images in all), never
+    passing over an earlier job of the same owner: each user's jobs finish in the order they were sent."""
+    chosen, blocked, images = [], set(), 0
+    for job in queued:
+        if models is not None and job.params.get("model") not in models:
+            continue  # another worker's: it neither joins nor blocks
+        size = job.params.get("batch_size", 1)
+        fits = not chosen or (job.batch_key == chosen[0].batch_key and images + size <= max_images)
+        if fits and job.owner not in blocked:
+            chosen.append(job)
+            images += size
+        else:
+            blocked.add(job.owner)
+    return chosen
+
+
+def open_store(db: str | None, outdir: Path, timeout: float = 60):
+    """The store a server or worker was given: a postgresql:// address, else the SQLite file (default
+    OUTDIR/queue.sqlite3). timeout: seconds without a heartbeat after which a worker's jobs run again elsewhere."""
+    if db and db.startswith(("postgresql://", "postgres://")):
+        from stablediff.server.store_postgres import PostgresStore
+
+        return PostgresStore(db, timeout=timeout)
+    from stablediff.server.store_sqlite import SQLiteStore
+
+    return SQLiteStore(Path(db) if db else outdir / "queue.sqlite3", outdir)
+
+
 class Store:
-    """What the server and the worker need of a job store; store_sqlite.SQLiteStore implements it."""
+    """What the server and the worker need of a job store."""
+
+    shared = False  # True: other processes (workers, servers) use it too
 
     def add(self, job: Job, max_queued: int, max_queued_per_user: int) -> Job: ...
     def get(self, job_id: str) -> Job | None: ...
     def jobs_of(self, owner: str | None, limit: int, offset: int) -> list[Job]: ...
     def position(self, job: Job) -> int: ...
-    def claim(self, max_images: int) -> list[Job]: ...
+    def claim(self, max_images: int, worker: str = "", models=None) -> list[Job]: ...
+    def beat(self, worker: str, job_ids: list[str]) -> None: ...
     def progress(self, job_ids: list[str], progress: dict) -> None: ...
-    def finish(self, job_id: str, state: str, images: list | None = None, error: str | None = None) -> bool: ...
-    def requeue(self, job_ids: list[str], count_attempt: bool = True) -> None: ...
+    def set_preview(self, job_id: str, step: int, png: bytes) -> None: ...
+    def preview(self, job_id: str) -> tuple[int, bytes] | None: ...
+    def finish(self, job_id: str, state: str, images: list | None = None, error: str | None = None,
+               files: list[bytes] | None = None, worker: str = "") -> bool: ...
+    def image(self, job_id: str, n: int) -> bytes | None: ...
+    def keep_input(self, digest: str, png) -> None: ...
+    def input(self, digest: str) -> bytes | None: ...
+    def requeue(self, job_ids: list[str], count_attempt: bool = True, worker: str = "") -> None: ...
     def request_cancel(self, job_id: str) -> str: ...
     def cancel_requested(self, job_ids: list[str]) -> bool: ...
     def recover(self) -> tuple[int, int]: ...
@@ -70,3 +114,6 @@ class Store:
     def add_token(self, owner: str, digest: str) -> None: ...
     def token_owner(self, digest: str) -> str | None: ...
     def remove_token(self, digest: str) -> bool: ...
+    def listen(self, callback) -> None:
+        """callback(job_ids) whenever a job changes in another process (a remote worker's step, its end)."""
+    def close(self) -> None: ...

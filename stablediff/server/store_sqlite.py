@@ -1,11 +1,14 @@
-"""The job store in SQLite (the standard library's sqlite3): one file, WAL, one connection behind a lock."""
+"""The job store in SQLite (the standard library's sqlite3): one file, WAL, one connection behind a lock; images
+and uploads as files under the server's folder; previews in memory (the worker is in the server's process)."""
 import json
+import shutil
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
-from stablediff.server.store import FINAL, MAX_ATTEMPTS, Job, QueueFull, Store
+from stablediff.files import write_atomic
+from stablediff.server.store import FINAL, MAX_ATTEMPTS, Job, QueueFull, Store, choose_batch, image_file, input_file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -40,8 +43,21 @@ def _job(row) -> Job:
                error=error, images=json.loads(images), progress=json.loads(progress))
 
 
+def _write_bytes(path: Path, data: bytes, durable: bool = False) -> None:
+    write_atomic(path, lambda tmp: Path(tmp).write_bytes(data), durable)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
 class SQLiteStore(Store):
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, outdir: Path):
+        self.outdir = outdir
+        self.previews: dict[str, tuple[int, bytes]] = {}
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
         self.lock = threading.Lock()
@@ -102,23 +118,13 @@ class SQLiteStore(Store):
             return 0
         return self._rows("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND seq < ?", (job.seq,))[0][0]
 
-    def claim(self, max_images: int) -> list[Job]:
-        """The oldest queued job and the queued jobs after it that can share its batch (the same batch key, at most
-        max_images images in all), never passing over an earlier job of the same owner: each user's jobs finish
-        in the order they were sent. All of them are running when this returns."""
+    def claim(self, max_images: int, worker: str = "", models=None) -> list[Job]:
+        """A batch of queued jobs (store.choose_batch), all running when this returns."""
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 rows = self.db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 500").fetchall()
-                chosen, blocked, images = [], set(), 0
-                for job in map(_job, rows):
-                    size = job.params.get("batch_size", 1)
-                    fits = not chosen or (job.batch_key == chosen[0].batch_key and images + size <= max_images)
-                    if fits and job.owner not in blocked:
-                        chosen.append(job)
-                        images += size
-                    else:
-                        blocked.add(job.owner)
+                chosen = choose_batch([_job(r) for r in rows], max_images, models)
                 now = time.time()
                 for job in chosen:
                     self.db.execute("UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1 "
@@ -135,9 +141,28 @@ class SQLiteStore(Store):
             self.db.executemany("UPDATE jobs SET progress = ? WHERE id = ? AND state = 'running'",
                                 [(json.dumps(progress), i) for i in job_ids])
 
-    def finish(self, job_id: str, state: str, images: list | None = None, error: str | None = None) -> bool:
-        """Record a running job's end, once: False if it was not running (a result is never written twice)."""
+    def beat(self, worker: str, job_ids: list[str]) -> None:
+        pass  # the one worker is the server's own: its jobs run again when the server starts (recover)
+
+    def set_preview(self, job_id: str, step: int, png: bytes) -> None:
+        self.previews[job_id] = (step, png)
+
+    def preview(self, job_id: str) -> tuple[int, bytes] | None:
+        return self.previews.get(job_id)
+
+    def finish(self, job_id: str, state: str, images: list | None = None, error: str | None = None,
+               files: list[bytes] | None = None, worker: str = "") -> bool:
+        """Record a running job's end, once: False if it was not running (a result is never written twice). Its
+        files (PNGs) are on the disk, each whole, before it is done."""
         assert state in FINAL
+        self.previews.pop(job_id, None)
+        if files:
+            folder = image_file(self.outdir, job_id, 0).parent
+            if folder.is_dir():  # what a run cut short by a crash left (a temporary file): this run's result replaces it
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            for n, data in enumerate(files):
+                _write_bytes(image_file(self.outdir, job_id, n), data, durable=True)
         with self.lock:
             self._durable(True)
             try:
@@ -148,8 +173,22 @@ class SQLiteStore(Store):
                 self._durable(False)
         return cur.rowcount == 1
 
-    def requeue(self, job_ids: list[str], count_attempt: bool = True) -> None:
+    def image(self, job_id: str, n: int) -> bytes | None:
+        return _read(image_file(self.outdir, job_id, n))
+
+    def keep_input(self, digest: str, png: bytes) -> None:
+        path = input_file(self.outdir, digest)
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_bytes(path, png)
+
+    def input(self, digest: str) -> bytes | None:
+        return _read(input_file(self.outdir, digest))
+
+    def requeue(self, job_ids: list[str], count_attempt: bool = True, worker: str = "") -> None:
         """Running jobs back to the queue in their place (count_attempt False: this run does not count)."""
+        for i in job_ids:
+            self.previews.pop(i, None)
         with self.lock:
             self.db.executemany("UPDATE jobs SET state = 'queued', started = NULL, progress = '{}', "
                                 f"attempts = attempts - {0 if count_attempt else 1} WHERE id = ? AND state = 'running'",
@@ -201,3 +240,7 @@ class SQLiteStore(Store):
     def remove_token(self, digest: str) -> bool:
         with self.lock:
             return self.db.execute("DELETE FROM tokens WHERE digest = ?", (digest,)).rowcount > 0
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()

@@ -3,19 +3,20 @@ that can share one), renders them, writes their images whole and only then marks
 a preview every few steps, and stops within a step when a job is cancelled or the server stops."""
 import gc
 import io
-import shutil
 import logging
+import os
+import socket
 import sys
 import threading
 import time
-import traceback
-from dataclasses import dataclass, field
+import uuid
 from pathlib import Path
 
 from stablediff import tasks
-from stablediff.errors import UserError, out_of_memory
-from stablediff.files import write_png
-from stablediff.server.store import Store, image_file, input_file
+from stablediff.errors import UserError, failure
+from stablediff.files import png_bytes
+from stablediff.render import render
+from stablediff.server.store import Store
 
 log = logging.getLogger("stablediff.server")
 
@@ -31,15 +32,6 @@ class Stopping(Exception):
     """The server is stopping: the running batch goes back to the queue."""
 
 
-@dataclass
-class Live:
-    """What the worker knows of a running job between store updates: its preview."""
-
-    preview: bytes | None = None  # a PNG at the latent's size
-    preview_step: int = 0
-    started: float = field(default_factory=time.time)
-
-
 def preview_png(latent) -> bytes:
     """A (4, h, w) latent as a small PNG by the cheap approximation (no VAE call)."""
     import torch
@@ -53,14 +45,17 @@ def preview_png(latent) -> bytes:
 
 
 class Worker:
-    def __init__(self, store: Store, outdir: Path, models: dict[str, Path], *, device: str = "auto",
+    def __init__(self, store: Store, models: dict[str, Path], *, device: str = "auto",
                  dtype: str | None = None, lora_dir: Path | None = None, embeddings_dir: Path | None = None,
-                 safety_checker: Path | None = None, watermark: str | None = None, max_batch: int = 4, max_pixels: int, preview_every: int = 2, on_change=lambda job_ids: None):
-        self.store, self.outdir, self.models, self.on_change = store, outdir, models, on_change
+                 safety_checker: Path | None = None, watermark: str | None = None, max_batch: int = 4,
+                 max_pixels: int, preview_every: int = 2, on_change=lambda job_ids: None, beat_every: float = 5):
+        self.store, self.models, self.on_change = store, models, on_change
         self.load_options = dict(device=device, dtype=dtype, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
                                  safety_checker=safety_checker, watermark=watermark)
         self.max_batch, self.max_pixels, self.preview_every = max_batch, max_pixels, preview_every
-        self.live: dict[str, Live] = {}
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # its jobs' `worker` in the store
+        self.beat_every = beat_every
+        self.running: list[str] = []  # the jobs of the batch it renders now, for its heartbeat
         self.loaded: tuple[str, object] | None = None
         self.stopping = threading.Event()
         self.wake = threading.Event()
@@ -74,6 +69,8 @@ class Worker:
         one_heap(resolve_device(self.load_options["device"]))  # before the thread starts: it renders on the main heap
         self.thread.start()
         threading.Thread(target=self.hash_models, name="stablediff-hashes", daemon=True).start()
+        if self.store.shared:
+            threading.Thread(target=self.heartbeat, name="stablediff-heartbeat", daemon=True).start()
 
     def stop(self, timeout: float = 60) -> None:
         """Stop within a step: a batch cut short goes back to the queue, nothing half-written is left."""
@@ -88,7 +85,7 @@ class Worker:
             log.error("the model could not be loaded: %s", e)
         while not self.stopping.is_set():
             try:
-                jobs = self.store.claim(self.max_batch)
+                jobs = self.store.claim(self.max_batch, self.id, set(self.models))
             except Exception:  # the store failed to answer (a locked or full disk): say so, and try again
                 log.exception("could not take a job from the queue")
                 jobs = []
@@ -97,6 +94,15 @@ class Worker:
                 self.wake.clear()
                 continue
             self.run_batch(jobs)
+
+    def heartbeat(self) -> None:
+        """While a batch runs, the store hears from this worker every beat_every seconds, whatever the model is
+        doing (a long VAE decode too): a worker that stops beating has its jobs run elsewhere."""
+        while not self.stopping.wait(self.beat_every):
+            try:
+                self.store.beat(self.id, list(self.running))
+            except Exception as e:
+                log.warning("could not send a heartbeat: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
 
     def hash_models(self) -> None:
         """AUTOMATIC1111's model hashes for its /sd-models titles, computed once and cached in the user cache."""
@@ -110,34 +116,34 @@ class Worker:
 
     def run_batch(self, jobs) -> None:
         ids = [j.id for j in jobs]
-        for job in jobs:
-            self.live[job.id] = Live()
+        self.running = ids
         try:
             results = self.render(jobs)
-            for job in jobs:  # images on disk first, then the state
-                self.store.finish(job.id, "done", self.write(job, results[job.id]))
+            for job in jobs:  # the images are stored with the state (SQLite: on disk first)
+                entries, files = self.encode(job, results[job.id])
+                self.store.finish(job.id, "done", entries, files=files, worker=self.id)
             self.on_change(ids)
             return
         except Cancelled:
             for job in jobs:
                 if self.store.cancel_requested([job.id]):
-                    self.store.finish(job.id, "cancelled", error="cancelled while it ran")
-            self.store.requeue([i for i in ids if self.store.get(i).state == "running"], count_attempt=False)
+                    self.store.finish(job.id, "cancelled", error="cancelled while it ran", worker=self.id)
+            self.store.requeue([i for i in ids if self.store.get(i).state == "running"], count_attempt=False,
+                               worker=self.id)
         except Stopping:
-            self.store.requeue(ids, count_attempt=False)
+            self.store.requeue(ids, count_attempt=False, worker=self.id)
         except UserError as e:
             self._fail(ids, str(e))
         except Exception as e:  # the job fails with its reason; the server keeps serving
-            self._fail(ids, _failure(e))
+            self._fail(ids, failure(e))
         finally:
-            for i in ids:
-                self.live.pop(i, None)
+            self.running = []
         self.on_change(ids)
         self._free_memory()  # after a batch cut short: what it held goes back (a finished one's is reused as it is)
 
     def _fail(self, ids: list[str], reason: str) -> None:
         for i in ids:
-            self.store.finish(i, "failed", error=reason)
+            self.store.finish(i, "failed", error=reason, worker=self.id)
 
     def _free_memory(self) -> None:
         """What a batch (finished, failed or cut short) held goes back: to the CUDA cache's owner, or the system."""
@@ -167,27 +173,11 @@ class Worker:
         return self.loaded[1]
 
     def render(self, jobs) -> dict[str, list]:
-        """Every job's images: one call of the Python API per batch, n_iter batches (the same for every job of a
-        batch key); job j's image i of batch k has the seed it has alone, seed_j + k * batch_size_j + i."""
         first = jobs[0].params
-        model = self.model(first["model"])
-        prompts, negatives, owner_of = [], [], []
-        for job in jobs:
-            n = job.params["batch_size"]
-            prompts += [job.params["prompt"]] * n
-            negatives += [job.params["negative_prompt"]] * n
-            owner_of += [job.id] * n
         steps = tasks.sampling_steps(jobs[0].task, first)
-        out = {job.id: [] for job in jobs}
-        iterations = first["n_iter"]
-        for it in range(iterations):
-            batch_seeds = [j.params["seed"] + it * j.params["batch_size"] + i for j in jobs
-                           for i in range(j.params["batch_size"])]
-            callback = self._callback(jobs, owner_of, steps, it, iterations, len(prompts))
-            images = self.call(model, jobs[0].task, first, prompts, negatives, batch_seeds, callback)
-            for job_id, image in zip(owner_of, images):
-                out[job_id].append(image)
-        return out
+        return render(self.model(first["model"]), jobs, self.input,
+                      lambda owner_of, it, iterations, per_batch: self._callback(jobs, owner_of, steps, it, iterations,
+                                                                                 per_batch))
 
     def _callback(self, jobs, owner_of: list[str], steps: int, it: int, iterations: int, per_batch: int):
         ids = [j.id for j in jobs]
@@ -205,61 +195,28 @@ class Worker:
                                       "at": time.time()})
             if self.preview_every and done[0] % self.preview_every == 0 and denoised is not None:
                 for job_id, row in firsts.items():
-                    live = self.live.get(job_id)
-                    if live is not None:
-                        live.preview, live.preview_step = preview_png(denoised[row]), done[0]
+                    self.store.set_preview(job_id, done[0], preview_png(denoised[row]))
             self.on_change(ids)
         return callback
 
-    def call(self, model, task: str, p: dict, prompts, negatives, seeds, callback):
-        """One batch through the Python API, the parameters as tasks.py names them."""
-        from stablediff.pipelines.hires import Hires
-
-        shared = {k: p[k] for k in ("steps", "sampler", "schedule", "scale", "eta", "clip_skip", "subseed",
-                                     "subseed_strength")}
-        shared.update(seed=seeds, callback=callback)
-        image = self.input(p.get("image"))
-        if task == "txt2img":
-            hires = Hires(p["hires_scale"], p["hires_steps"], p["hires_denoise"], p["hires_upscaler"]) \
-                if p["hires_scale"] else None
-            return model.txt2img(prompts, negatives, width=p["width"], height=p["height"], hires=hires, **shared)
-        if task == "upscale":
-            return model.upscale(image, prompts, negatives, noise_level=p["noise_level"], tile=p["tile"],
-                                 overlap=p["overlap"], **shared)
-        if task == "outpaint":
-            return model.outpaint(image, prompts, negatives, extend=p["extend"], mask_blur=p["mask_blur"],
-                                  fill=p["fill"], **shared)
-        shared.update(width=p["width"], height=p["height"], strength=p["strength"], resize_mode=p["resize_mode"])
-        if task == "img2img":
-            return model.img2img(image, prompts, negatives, **shared)
-        if task == "depth2img":
-            depth = self.input(p.get("depth_map"))
-            return model.depth2img(image, prompts, negatives, depth_map=depth.convert("F") if depth else None, **shared)
-        return model.inpaint(image, self.input(p["mask"]).convert("L"), prompts, negatives, fill=p["fill"],
-                             mask_blur=p["mask_blur"], invert_mask=p["invert_mask"], only_masked=p["only_masked"],
-                             padding=p["padding"], **shared)
-
     def input(self, ref: str | None):
-        """An uploaded image by its reference (its SHA-256, stored under inputs/ when the job was accepted)."""
+        """An uploaded image by its reference (the SHA-256 it was kept under in the store when the job was accepted)."""
         from PIL import Image
 
         if ref is None:
             return None
-        with Image.open(input_file(self.outdir, ref)) as image:
+        data = self.store.input(ref)
+        if data is None:
+            raise UserError(f"the job's input image {ref[:12]}... is missing from the queue's store")
+        with Image.open(io.BytesIO(data)) as image:
             return image.convert("RGB")
 
-    def write(self, job, images) -> list[dict]:
-        """The job's PNGs, each whole (renamed into place), exactly as the command line writes them."""
-        folder = image_file(self.outdir, job.id, 0).parent
-        if folder.is_dir():  # what a run cut short by a crash left (a temporary file): this run's result replaces it
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        out = []
-        for n, image in enumerate(images):
-            write_png(image, image_file(self.outdir, job.id, n), image.info.get("parameters"), durable=True)
-            out.append({"n": n, "seed": job.params["seed"] + n, "infotext": image.info.get("parameters", ""),
-                        **{k: image.info[k] for k in ("nsfw", "watermark") if k in image.info}})
-        return out
+    def encode(self, job, images) -> tuple[list[dict], list[bytes]]:
+        """The job's image entries and PNGs, the PNGs exactly as the command line writes them."""
+        entries = [{"n": n, "seed": job.params["seed"] + n, "infotext": image.info.get("parameters", ""),
+                    **{k: image.info[k] for k in ("nsfw", "watermark") if k in image.info}}
+                   for n, image in enumerate(images)]
+        return entries, [png_bytes(image, image.info.get("parameters")) for image in images]
 
     def memory(self) -> dict:
         """The accelerator's memory as AUTOMATIC1111's /memory reports it."""
@@ -275,12 +232,3 @@ class Worker:
                 "active": {"current": stats.get("active_bytes.all.current", 0), "peak": stats.get("active_bytes.all.peak", 0)},
                 "allocated": {"current": stats.get("allocated_bytes.all.current", 0),
                               "peak": stats.get("allocated_bytes.all.peak", 0)}}
-
-
-def _failure(e: Exception) -> str:
-    """One line for a job that failed on something other than its request."""
-    line = out_of_memory(e) if isinstance(e, (MemoryError, RuntimeError)) else None
-    if line is None:
-        log.error("a job failed:\n%s", "".join(traceback.format_exception(e)))
-        line = f"internal error ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else 'no message'})"
-    return line
