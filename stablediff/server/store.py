@@ -56,6 +56,17 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+COLUMNS = "seq, id, owner, task, params, batch_key, state, created, started, finished, attempts, cancel, error, images, progress"
+
+
+def job_from_row(row, decode=lambda value: value) -> Job:
+    """A Job from a row of COLUMNS; decode turns a JSON column into its value (SQLite keeps text)."""
+    seq, id_, owner, task, params, key, state, created, started, finished, attempts, cancel, error, images, progress = row
+    return Job(id=id_, owner=owner, task=task, params=decode(params), batch_key=key, state=state, seq=seq,
+               created=created, started=started, finished=finished, attempts=attempts, cancel=bool(cancel),
+               error=error, images=decode(images), progress=decode(progress))
+
+
 def choose_batch(queued: list[Job], max_images: int, models=None) -> list[Job]:
     """Of the queued jobs (oldest first), the oldest one this worker can render (its model among `models`; None:
     any) and the jobs after it that can share its batch (the same batch key, at most max_images images in all), never
@@ -97,7 +108,7 @@ class Store:
     def position(self, job: Job) -> int: ...
     def claim(self, max_images: int, worker: str = "", models=None) -> list[Job]: ...
     def beat(self, worker: str, job_ids: list[str]) -> None: ...
-    def progress(self, job_ids: list[str], progress: dict) -> None: ...
+    def progress(self, job_ids: list[str], progress: dict, worker: str = "") -> None: ...
     def set_preview(self, job_id: str, step: int, png: bytes) -> None: ...
     def preview(self, job_id: str) -> tuple[int, bytes] | None: ...
     def finish(self, job_id: str, state: str, images: list | None = None, error: str | None = None,
@@ -114,6 +125,33 @@ class Store:
     def add_token(self, owner: str, digest: str) -> None: ...
     def token_owner(self, digest: str) -> str | None: ...
     def remove_token(self, digest: str) -> bool: ...
+
     def listen(self, callback) -> None:
         """callback(job_ids) whenever a job changes in another process (a remote worker's step, its end)."""
     def close(self) -> None: ...
+
+
+class SQLStore(Store):
+    """The reads both SQL stores make alike; `mark` is their driver's parameter mark, `_rows(sql, args)` their query
+    and `_job(row)` their row of COLUMNS as a Job."""
+
+    mark = "?"
+
+    def get(self, job_id: str) -> Job | None:
+        rows = self._rows(f"SELECT {COLUMNS} FROM jobs WHERE id = {self.mark}", (job_id,))
+        return self._job(rows[0]) if rows else None
+
+    def jobs_of(self, owner: str | None, limit: int, offset: int) -> list[Job]:
+        where, args = (f"WHERE owner = {self.mark}", (owner,)) if owner is not None else ("", ())
+        return [self._job(r) for r in self._rows(f"SELECT {COLUMNS} FROM jobs {where} ORDER BY seq DESC LIMIT "
+                                                 f"{self.mark} OFFSET {self.mark}", (*args, limit, offset))]
+
+    def position(self, job: Job) -> int:
+        """How many jobs will start before this one (0: it is next, or running)."""
+        if job.state != "queued":
+            return 0
+        return self._rows(f"SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND seq < {self.mark}", (job.seq,))[0][0]
+
+    def token_owner(self, digest: str) -> str | None:
+        rows = self._rows(f"SELECT owner FROM tokens WHERE digest = {self.mark}", (digest,))
+        return rows[0][0] if rows else None

@@ -9,7 +9,7 @@ import threading
 import time
 
 from stablediff.errors import UserError
-from stablediff.server.store import FINAL, MAX_ATTEMPTS, Job, QueueFull, Store, choose_batch
+from stablediff.server.store import COLUMNS, FINAL, MAX_ATTEMPTS, Job, QueueFull, SQLStore, choose_batch, job_from_row
 
 log = logging.getLogger("stablediff.server")
 CHANNEL = "stablediff_jobs"
@@ -43,20 +43,12 @@ CREATE TABLE IF NOT EXISTS previews (job_id TEXT PRIMARY KEY, step INTEGER NOT N
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value JSONB NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (digest TEXT PRIMARY KEY, owner TEXT NOT NULL, created DOUBLE PRECISION NOT NULL);
 """
-_COLUMNS = "seq, id, owner, task, params, batch_key, state, created, started, finished, attempts, cancel, error, images, progress"
 _SCHEMA_LOCK = 7_860_001  # advisory locks: processes starting together create the tables one at a time,
 _ADD_LOCK = 7_860_002  # and the queue's limits are checked by one front end at a time
 
 
-def _job(row) -> Job:
-    seq, id_, owner, task, params, key, state, created, started, finished, attempts, cancel, error, images, progress = row
-    return Job(id=id_, owner=owner, task=task, params=params, batch_key=key, state=state, seq=seq, created=created,
-               started=started, finished=finished, attempts=attempts, cancel=cancel, error=error, images=images,
-               progress=progress)
-
-
-class PostgresStore(Store):
-    shared = True
+class PostgresStore(SQLStore):
+    shared, mark = True, "%s"
 
     def __init__(self, url: str, timeout: float = 60):
         try:
@@ -75,6 +67,8 @@ class PostgresStore(Store):
         with self.pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             conn.execute(SCHEMA)
+
+    _job = staticmethod(job_from_row)  # psycopg decodes JSONB itself
 
     def _rows(self, sql: str, args=()) -> list:
         with self.pool.connection() as conn:
@@ -110,20 +104,6 @@ class PostgresStore(Store):
                 (job.id, job.owner, job.task, Jsonb(job.params), job.batch_key, job.created)).fetchone()[0]
         return job
 
-    def get(self, job_id: str) -> Job | None:
-        rows = self._rows(f"SELECT {_COLUMNS} FROM jobs WHERE id = %s", (job_id,))
-        return _job(rows[0]) if rows else None
-
-    def jobs_of(self, owner: str | None, limit: int, offset: int) -> list[Job]:
-        where, args = ("WHERE owner = %s", (owner,)) if owner is not None else ("", ())
-        return [_job(r) for r in self._rows(f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY seq DESC LIMIT %s OFFSET %s",
-                                            (*args, limit, offset))]
-
-    def position(self, job: Job) -> int:
-        if job.state != "queued":
-            return 0
-        return self._rows("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND seq < %s", (job.seq,))[0][0]
-
     def claim(self, max_images: int, worker: str = "", models=None) -> list[Job]:
         """A batch of the queued jobs no other worker holds (store.choose_batch), running on `worker` when this
         returns. Jobs of workers that stopped beating are queued again first (at most once a second)."""
@@ -131,9 +111,9 @@ class PostgresStore(Store):
             self.recover()
         with self.pool.connection() as conn, conn.transaction():
             where, args = ("AND params->>'model' = ANY(%s)", (list(models),)) if models is not None else ("", ())
-            rows = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' {where} ORDER BY seq LIMIT 100 "
+            rows = conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE state = 'queued' {where} ORDER BY seq LIMIT 100 "
                                 "FOR UPDATE SKIP LOCKED", args).fetchall()
-            chosen = choose_batch([_job(r) for r in rows], max_images, models)
+            chosen = choose_batch([self._job(r) for r in rows], max_images, models)
             if chosen:
                 now = time.time()
                 conn.execute(f"UPDATE jobs SET state = 'running', started = %s, attempts = attempts + 1, worker = %s, "
@@ -148,12 +128,14 @@ class PostgresStore(Store):
             self._run(f"UPDATE jobs SET beat = {NOW} WHERE id = ANY(%s) AND worker = %s AND state = 'running'",
                       (job_ids, worker))
 
-    def progress(self, job_ids: list[str], progress: dict) -> None:
+    def progress(self, job_ids: list[str], progress: dict, worker: str = "") -> None:
+        """A step of jobs running on `worker` (a worker whose jobs went to another says nothing of them)."""
         from psycopg.types.json import Jsonb
 
+        mine = "AND worker = %s" if worker else ""
         with self.pool.connection() as conn, conn.transaction():
-            conn.execute("UPDATE jobs SET progress = %s WHERE id = ANY(%s) AND state = 'running'",
-                         (Jsonb(progress), job_ids))
+            conn.execute(f"UPDATE jobs SET progress = %s WHERE id = ANY(%s) AND state = 'running' {mine}",
+                         (Jsonb(progress), job_ids, *((worker,) if worker else ())))
             self._notify(conn, job_ids)
 
     def set_preview(self, job_id: str, step: int, png: bytes) -> None:
@@ -249,10 +231,6 @@ class PostgresStore(Store):
 
     def add_token(self, owner: str, digest: str) -> None:
         self._run("INSERT INTO tokens (digest, owner, created) VALUES (%s, %s, %s)", (digest, owner, time.time()))
-
-    def token_owner(self, digest: str) -> str | None:
-        rows = self._rows("SELECT owner FROM tokens WHERE digest = %s", (digest,))
-        return rows[0][0] if rows else None
 
     def remove_token(self, digest: str) -> bool:
         return self._run("DELETE FROM tokens WHERE digest = %s", (digest,)) > 0

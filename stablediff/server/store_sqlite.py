@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from stablediff.files import write_atomic
-from stablediff.server.store import FINAL, MAX_ATTEMPTS, Job, QueueFull, Store, choose_batch, image_file, input_file
+from stablediff.server.store import (COLUMNS, FINAL, MAX_ATTEMPTS, Job, QueueFull, SQLStore, choose_batch, image_file,
+                                     input_file, job_from_row)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -33,16 +34,6 @@ CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq);
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (digest TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT NULL);
 """
-_COLUMNS = "seq, id, owner, task, params, batch_key, state, created, started, finished, attempts, cancel, error, images, progress"
-
-
-def _job(row) -> Job:
-    seq, id_, owner, task, params, key, state, created, started, finished, attempts, cancel, error, images, progress = row
-    return Job(id=id_, owner=owner, task=task, params=json.loads(params), batch_key=key, state=state, seq=seq,
-               created=created, started=started, finished=finished, attempts=attempts, cancel=bool(cancel),
-               error=error, images=json.loads(images), progress=json.loads(progress))
-
-
 def _write_bytes(path: Path, data: bytes, durable: bool = False) -> None:
     write_atomic(path, lambda tmp: Path(tmp).write_bytes(data), durable)
 
@@ -54,7 +45,7 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
-class SQLiteStore(Store):
+class SQLiteStore(SQLStore):
     def __init__(self, path: Path, outdir: Path):
         self.outdir = outdir
         self.previews: dict[str, tuple[int, bytes]] = {}
@@ -71,6 +62,10 @@ class SQLiteStore(Store):
 
     def _durable(self, on: bool) -> None:
         self.db.execute(f"PRAGMA synchronous={'FULL' if on else 'NORMAL'}")
+
+    @staticmethod
+    def _job(row) -> Job:
+        return job_from_row(row, json.loads)
 
     def _rows(self, sql: str, args=()) -> list:
         with self.lock:
@@ -103,28 +98,13 @@ class SQLiteStore(Store):
                 self._durable(False)
         return job
 
-    def get(self, job_id: str) -> Job | None:
-        rows = self._rows(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
-        return _job(rows[0]) if rows else None
-
-    def jobs_of(self, owner: str | None, limit: int, offset: int) -> list[Job]:
-        where, args = ("WHERE owner = ?", (owner,)) if owner is not None else ("", ())
-        return [_job(r) for r in self._rows(f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?",
-                                            (*args, limit, offset))]
-
-    def position(self, job: Job) -> int:
-        """How many jobs will start before this one (0: it is next, or running)."""
-        if job.state != "queued":
-            return 0
-        return self._rows("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND seq < ?", (job.seq,))[0][0]
-
     def claim(self, max_images: int, worker: str = "", models=None) -> list[Job]:
         """A batch of queued jobs (store.choose_batch), all running when this returns."""
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                rows = self.db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 500").fetchall()
-                chosen = choose_batch([_job(r) for r in rows], max_images, models)
+                rows = self.db.execute(f"SELECT {COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 500").fetchall()
+                chosen = choose_batch([self._job(r) for r in rows], max_images, models)
                 now = time.time()
                 for job in chosen:
                     self.db.execute("UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1 "
@@ -136,7 +116,7 @@ class SQLiteStore(Store):
                 raise
         return chosen
 
-    def progress(self, job_ids: list[str], progress: dict) -> None:
+    def progress(self, job_ids: list[str], progress: dict, worker: str = "") -> None:
         with self.lock:
             self.db.executemany("UPDATE jobs SET progress = ? WHERE id = ? AND state = 'running'",
                                 [(json.dumps(progress), i) for i in job_ids])
@@ -232,10 +212,6 @@ class SQLiteStore(Store):
     def add_token(self, owner: str, digest: str) -> None:
         with self.lock:
             self.db.execute("INSERT INTO tokens (digest, owner, created) VALUES (?, ?, ?)", (digest, owner, time.time()))
-
-    def token_owner(self, digest: str) -> str | None:
-        rows = self._rows("SELECT owner FROM tokens WHERE digest = ?", (digest,))
-        return rows[0][0] if rows else None
 
     def remove_token(self, digest: str) -> bool:
         with self.lock:

@@ -1,6 +1,7 @@
-"""The worker: the only code of the server that calls the model. It takes jobs from the store (a batch of those
-that can share one), renders them, writes their images whole and only then marks them done; it reports each step,
-a preview every few steps, and stops within a step when a job is cancelled or the server stops."""
+"""The worker: the only code of the server that calls the model, in the server's process or alone (`stablediff
+worker`, on a shared PostgreSQL queue). It takes jobs from the store (a batch of those that can share one), renders
+them, and stores their images with their done state; it reports each step, a preview every few steps, beats while it
+renders (a shared queue), and stops within a step when a job is cancelled or it is told to stop."""
 import gc
 import io
 import logging
@@ -192,7 +193,7 @@ class Worker:
             done[0] += 1
             self.store.progress(ids, {"step": min(done[0], steps), "steps": steps, "image": it * per_batch + 1,
                                       "images": iterations * per_batch, "batch": it + 1, "batches": iterations,
-                                      "at": time.time()})
+                                      "at": time.time()}, worker=self.id)
             if self.preview_every and done[0] % self.preview_every == 0 and denoised is not None:
                 for job_id, row in firsts.items():
                     self.store.set_preview(job_id, done[0], preview_png(denoised[row]))
