@@ -28,6 +28,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from report import machine, prepend  # noqa: E402
+from stablediff.server.store_postgres import _safe  # noqa: E402
 from serving import Server, Worker, free_port  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
@@ -76,9 +77,8 @@ def lifecycle(store, n: int, preview: bytes, png: bytes) -> float:
                             params={"model": "m", "batch_size": 1, "seed": i}), 10**6, 10**6)
         (claimed,) = store.claim(1, "bench-worker", {"m"})
         assert claimed.id == job.id
-        for step in range(1, 21):
-            store.cancel_requested([job.id])
-            store.progress([job.id], {"step": step, "steps": 20, "at": time.time()})
+        for step in range(1, 21):  # as the worker reports a step: progress, and whether to stop
+            assert not store.progress([job.id], {"step": step, "steps": 20, "at": time.time()}, worker="bench-worker")
             if step % 2 == 0:
                 store.set_preview(job.id, step, preview)
         assert store.finish(job.id, "done", [{"n": 0, "seed": i, "infotext": ""}], files=[png], worker="bench-worker")
@@ -168,7 +168,7 @@ def main() -> None:
         with psycopg.connect(args.pg, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
     prepend("Scale-out: `stablediff batch` on Ray Data, and the PostgreSQL job store against SQLite", [
-        f"Machine: {machine()}.", "Command: `python bench/scale_out.py`.",
+        f"Machine: {machine()}.", f"Command: `python bench/scale_out.py --pg {_safe(args.pg)}`.",
         f"`stablediff batch` of {args.jobs} demo-model jobs (64x64, 20 steps, DPM++ 2M), each run its own process; the "
         "Ray cluster is one `ray start --head --num-cpus 2` node on loopback, started before (not counted). Whole "
         "command: from the command's start (Python, Ray Data, the actors' model loads) to its end. Steady: between the "

@@ -11,6 +11,7 @@ import uuid
 import httpx
 import numpy as np
 import pytest
+import webuiapi
 from PIL import Image
 
 from stablediff import StableDiffusion
@@ -123,6 +124,12 @@ def test_a_remote_workers_job_streams_progress_and_previews_and_cancels_within_a
         assert job["progress"]["step"] <= at_cancel + 1
         done = http.post("/v1/jobs", json={"task": "txt2img", "prompt": PROMPT, "steps": 2}).json()["id"]
         assert wait_state(http, f"/v1/jobs/{done}")["state"] == "done"  # the worker goes on
+        # AUTOMATIC1111's blocking call, answered when the worker's NOTIFY of the end reaches the front end
+        result = webuiapi.WebUIApi(port=server.port).txt2img(prompt=PROMPT, seed=5, steps=4, width=64, height=64,
+                                                             sampler_name="Euler a", cfg_scale=7)
+        solo = StableDiffusion.load(device="cpu").txt2img(PROMPT, seed=5, steps=4, sampler="Euler a",
+                                                          schedule="uniform", scale=7)[0]
+        assert np.array_equal(pixels(result.image), pixels(solo)) and result.info["all_seeds"] == [5]
 
 
 def test_no_worker_without_a_shared_queue_and_a_wrong_address_are_one_line_errors(tmp_path, capsys):

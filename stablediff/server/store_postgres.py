@@ -7,6 +7,7 @@ with NOTIFY, so a server wakes what waits on a job that a worker elsewhere rende
 import logging
 import threading
 import time
+from contextlib import contextmanager
 
 from stablediff.errors import UserError
 from stablediff.server.store import COLUMNS, FINAL, MAX_ATTEMPTS, Job, QueueFull, SQLStore, choose_batch, job_from_row
@@ -63,12 +64,22 @@ class PostgresStore(SQLStore):
         except psycopg.Error as e:
             raise UserError(f"--db: cannot reach PostgreSQL at {_safe(url)} ({str(e).splitlines()[0][:200]}); "
                             "is the server running, and are the address, user, password and database right?") from None
-        self.pool = ConnectionPool(url, min_size=1, max_size=8, kwargs={"autocommit": True}, open=True)
+        # commits do not wait for the disk (a step's progress, a preview: what a crash of the database may lose),
+        # except those of _durable transactions: a job accepted, a result, a token, a setting
+        self.pool = ConnectionPool(url, min_size=1, max_size=8, open=True,
+                                   kwargs={"autocommit": True, "options": "-c synchronous_commit=off"})
         with self.pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             conn.execute(SCHEMA)
 
     _job = staticmethod(job_from_row)  # psycopg decodes JSONB itself
+
+    @contextmanager
+    def _durable(self):
+        """A transaction whose commit is on the database's disk when it returns."""
+        with self.pool.connection() as conn, conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = on")
+            yield conn
 
     def _rows(self, sql: str, args=()) -> list:
         with self.pool.connection() as conn:
@@ -80,13 +91,12 @@ class PostgresStore(SQLStore):
 
     @staticmethod
     def _notify(conn, job_ids) -> None:
-        for i in job_ids:
-            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, i))
+        conn.execute("SELECT pg_notify(%s, i) FROM unnest(%s::text[]) AS i", (CHANNEL, list(job_ids)))
 
     def add(self, job: Job, max_queued: int, max_queued_per_user: int) -> Job:
         from psycopg.types.json import Jsonb
 
-        with self.pool.connection() as conn, conn.transaction():
+        with self._durable() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_ADD_LOCK,))  # one add at a time: the counts hold
             waiting, mine = conn.execute(
                 "SELECT COUNT(*), COUNT(*) FILTER (WHERE owner = %s) FROM jobs WHERE state IN ('queued', 'running')",
@@ -128,15 +138,16 @@ class PostgresStore(SQLStore):
             self._run(f"UPDATE jobs SET beat = {NOW} WHERE id = ANY(%s) AND worker = %s AND state = 'running'",
                       (job_ids, worker))
 
-    def progress(self, job_ids: list[str], progress: dict, worker: str = "") -> None:
-        """A step of jobs running on `worker` (a worker whose jobs went to another says nothing of them)."""
+    def progress(self, job_ids: list[str], progress: dict, worker: str = "") -> bool:
+        """A step of jobs running on `worker` (a worker whose jobs went to another says nothing of them), and
+        whether one of them is to be cancelled: one round trip a step."""
         from psycopg.types.json import Jsonb
 
         mine = "AND worker = %s" if worker else ""
-        with self.pool.connection() as conn, conn.transaction():
-            conn.execute(f"UPDATE jobs SET progress = %s WHERE id = ANY(%s) AND state = 'running' {mine}",
-                         (Jsonb(progress), job_ids, *((worker,) if worker else ())))
-            self._notify(conn, job_ids)
+        rows = self._rows(f"WITH stepped AS (UPDATE jobs SET progress = %s WHERE id = ANY(%s) AND state = 'running' "
+                          f"{mine} RETURNING id, cancel) SELECT cancel, pg_notify(%s, id) FROM stepped",
+                          (Jsonb(progress), job_ids, *((worker,) if worker else ()), CHANNEL))
+        return any(cancel for cancel, _ in rows)
 
     def set_preview(self, job_id: str, step: int, png: bytes) -> None:
         self._run("INSERT INTO previews (job_id, step, png) VALUES (%s, %s, %s) ON CONFLICT (job_id) DO UPDATE SET "
@@ -153,7 +164,7 @@ class PostgresStore(SQLStore):
         from psycopg.types.json import Jsonb
 
         assert state in FINAL
-        with self.pool.connection() as conn, conn.transaction():
+        with self._durable() as conn:
             mine = "AND worker = %s" if worker else ""
             done = conn.execute(f"UPDATE jobs SET state = %s, finished = %s, images = %s, error = %s "
                                 f"WHERE id = %s AND state = 'running' {mine}",
@@ -226,11 +237,13 @@ class PostgresStore(SQLStore):
     def set_setting(self, key: str, value) -> None:
         from psycopg.types.json import Jsonb
 
-        self._run("INSERT INTO settings (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = "
-                  "excluded.value", (key, Jsonb(value)))
+        with self._durable() as conn:
+            conn.execute("INSERT INTO settings (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = "
+                         "excluded.value", (key, Jsonb(value)))
 
     def add_token(self, owner: str, digest: str) -> None:
-        self._run("INSERT INTO tokens (digest, owner, created) VALUES (%s, %s, %s)", (digest, owner, time.time()))
+        with self._durable() as conn:
+            conn.execute("INSERT INTO tokens (digest, owner, created) VALUES (%s, %s, %s)", (digest, owner, time.time()))
 
     def remove_token(self, digest: str) -> bool:
         return self._run("DELETE FROM tokens WHERE digest = %s", (digest,)) > 0

@@ -116,10 +116,15 @@ class SQLiteStore(SQLStore):
                 raise
         return chosen
 
-    def progress(self, job_ids: list[str], progress: dict, worker: str = "") -> None:
+    def progress(self, job_ids: list[str], progress: dict, worker: str = "") -> bool:
+        """Record a step of running jobs; True if one of them is to be cancelled (the worker's check, in the same
+        visit)."""
         with self.lock:
             self.db.executemany("UPDATE jobs SET progress = ? WHERE id = ? AND state = 'running'",
                                 [(json.dumps(progress), i) for i in job_ids])
+            marks = ",".join("?" * len(job_ids))
+            return bool(self.db.execute(f"SELECT 1 FROM jobs WHERE id IN ({marks}) AND cancel = 1 LIMIT 1",
+                                        job_ids).fetchall())
 
     def beat(self, worker: str, job_ids: list[str]) -> None:
         pass  # the one worker is the server's own: its jobs run again when the server starts (recover)

@@ -188,12 +188,11 @@ class Worker:
         def callback(i, x, denoised):
             if self.stopping.is_set():
                 raise Stopping
-            if self.store.cancel_requested(ids):
-                raise Cancelled
             done[0] += 1
-            self.store.progress(ids, {"step": min(done[0], steps), "steps": steps, "image": it * per_batch + 1,
-                                      "images": iterations * per_batch, "batch": it + 1, "batches": iterations,
-                                      "at": time.time()}, worker=self.id)
+            if self.store.progress(ids, {"step": min(done[0], steps), "steps": steps, "image": it * per_batch + 1,
+                                         "images": iterations * per_batch, "batch": it + 1, "batches": iterations,
+                                         "at": time.time()}, worker=self.id):
+                raise Cancelled
             if self.preview_every and done[0] % self.preview_every == 0 and denoised is not None:
                 for job_id, row in firsts.items():
                     self.store.set_preview(job_id, done[0], preview_png(denoised[row]))
