@@ -269,10 +269,15 @@ def _on_ray(todo: list[BatchJob], outdir: str, renderer: dict, address: str | No
         raise UserError("--ray needs Ray: pip install 'stablediff[ray]'") from None
     import logging
 
+    where = f"--ray {address}" if address else "--ray"
+    if address and "://" not in address:
+        _reachable(address, where)
     try:
-        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        # "auto": the cluster `ray start` made on this machine; never a new one of Ray's own, which would listen on
+        # every interface for as long as this runs
+        ray.init(address=address or "auto", logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise UserError(f"--ray {address or ''}: no Ray cluster to join ({str(e).splitlines()[0][:200]}); start one "
+        raise UserError(f"{where}: no Ray cluster to join ({str(e).splitlines()[0][:200]}); start one "
                         "with `ray start --head` (and `ray start --address HEAD:6379` on each other machine)") from None
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # our bar counts the jobs; Ray Data's own plans stay quiet
     try:
@@ -295,3 +300,15 @@ def _on_ray(todo: list[BatchJob], outdir: str, renderer: dict, address: str | No
             yield json.loads(row["record"])
     finally:
         ray.shutdown()
+
+
+def _reachable(address: str, where: str) -> None:
+    """A HOST:PORT that answers within seconds (Ray itself retries an unreachable head for many minutes)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where}: nothing answers there ({getattr(e, 'strerror', None) or e}); give the head's "
+                        "HOST:PORT that `ray start --head` printed, and check that it is running") from None

@@ -366,7 +366,7 @@ def _add_batch(sub) -> None:
     p.add_argument("--seeds", type=batch_seeds, metavar="LIST", help="every line once per seed: 1,2,10-19")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run on a Ray cluster (needs stablediff[ray]): the one `ray start` made on this machine, or "
-                        "ADDRESS (HOST:PORT or ray://HOST:10001); an actor per GPU, or per node without GPUs")
+                        "ADDRESS (HOST:PORT, or ray://HOST:10001); an actor per GPU, or per node without GPUs")
     p.add_argument("--actors", type=int, metavar="N", help="with --ray: this many actors (default: one per GPU or node)")
     p.add_argument("--cpus-per-actor", type=number, metavar="C",
                    help="with --ray: CPUs each actor takes (and its torch threads, without GPUs; default: an equal share)")

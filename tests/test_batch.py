@@ -1,5 +1,6 @@
 """`stablediff batch`: in this process, and on a local two-node Ray cluster on loopback (a head from `ray start --head`
 and a second node, tests/ray_node.py), where an actor is killed in the middle."""
+import importlib.util
 import json
 import os
 import signal
@@ -93,6 +94,10 @@ def test_bad_jobs_files_are_one_line_errors(tmp_path, capsys):
         assert len(err) == 1 and expected in err[0], err
     assert cli.main(["batch", str(bad), "--outdir", str(tmp_path / "o"), "--actors", "2"]) == 2
     assert "--actors and --cpus-per-actor are for --ray" in capsys.readouterr().err
+    if importlib.util.find_spec("ray"):  # an address where nothing runs: said at once (Ray retries for minutes)
+        bad.write_text('{"prompt": "a"}\n')
+        assert cli.main(["batch", str(bad), "--outdir", str(tmp_path / "o"), "--ray", f"127.0.0.1:{free_port()}"]) == 2
+        assert "nothing answers there" in capsys.readouterr().err
 
 
 def test_the_same_job_twice_is_one_job(tmp_path):
