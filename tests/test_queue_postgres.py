@@ -15,7 +15,7 @@ import webuiapi
 from PIL import Image
 
 from stablediff import StableDiffusion
-from stablediff.server.store import Job
+from stablediff.server.store import Job, QueueFull
 
 from serving import Server, Worker
 from test_server import PROMPT, pixels, wait_state
@@ -48,6 +48,10 @@ def test_claims_of_many_workers_never_overlap_and_batch_by_key(pg):
     for i in range(40):
         front.add(Job(id=f"{i:032x}", owner=f"user{i % 3}", task="txt2img", batch_key=f"key{i % 2}",
                       params={"model": "a.safetensors" if i < 36 else "b.safetensors", "batch_size": 1}), 100, 100)
+    other = PostgresStore(pg)
+    with pytest.raises(QueueFull, match="the limit per user is 14"):  # the limits hold for every front end
+        other.add(Job(id="f" * 32, owner="user0", task="txt2img", batch_key="k", params={}), 100, 14)
+    other.close()
     stores = [PostgresStore(pg) for _ in range(4)]
     taken, lock = [], threading.Lock()
 

@@ -67,6 +67,16 @@ def job_from_row(row, decode=lambda value: value) -> Job:
                error=error, images=decode(images), progress=decode(progress))
 
 
+def check_room(waiting: int, mine: int, max_queued: int, max_queued_per_user: int) -> None:
+    """QueueFull unless a job more fits: `waiting` jobs queued or running in all, `mine` of its user's."""
+    if waiting >= max_queued:
+        raise QueueFull(f"the queue is full ({waiting} jobs waiting, the limit is {max_queued}); "
+                        "try again when some have finished", 30)
+    if mine >= max_queued_per_user:
+        raise QueueFull(f"you have {mine} jobs waiting, the limit per user is {max_queued_per_user}; "
+                        "wait for them or cancel some", 10)
+
+
 def choose_batch(queued: list[Job], max_images: int, models=None) -> list[Job]:
     """Of the queued jobs (oldest first), the oldest one this worker can render (its model among `models`; None:
     any) and the jobs after it that can share its batch (the same batch key, at most max_images images in all), never

@@ -10,7 +10,8 @@ import time
 from contextlib import contextmanager
 
 from stablediff.errors import UserError
-from stablediff.server.store import COLUMNS, FINAL, MAX_ATTEMPTS, Job, QueueFull, SQLStore, choose_batch, job_from_row
+from stablediff.server.store import (COLUMNS, FINAL, MAX_ATTEMPTS, Job, SQLStore, check_room, choose_batch,
+                                     job_from_row)
 
 log = logging.getLogger("stablediff.server")
 CHANNEL = "stablediff_jobs"
@@ -101,12 +102,7 @@ class PostgresStore(SQLStore):
             waiting, mine = conn.execute(
                 "SELECT COUNT(*), COUNT(*) FILTER (WHERE owner = %s) FROM jobs WHERE state IN ('queued', 'running')",
                 (job.owner,)).fetchone()
-            if waiting >= max_queued:
-                raise QueueFull(f"the queue is full ({waiting} jobs waiting, the limit is {max_queued}); "
-                                "try again when some have finished", 30)
-            if mine >= max_queued_per_user:
-                raise QueueFull(f"you have {mine} jobs waiting, the limit per user is {max_queued_per_user}; "
-                                "wait for them or cancel some", 10)
+            check_room(waiting, mine, max_queued, max_queued_per_user)
             job.created = time.time()
             job.seq = conn.execute(
                 "INSERT INTO jobs (id, owner, task, params, batch_key, state, created) VALUES (%s, %s, %s, %s, %s, "

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from stablediff.files import write_atomic
-from stablediff.server.store import (COLUMNS, FINAL, MAX_ATTEMPTS, Job, QueueFull, SQLStore, choose_batch, image_file,
-                                     input_file, job_from_row)
+from stablediff.server.store import (COLUMNS, FINAL, MAX_ATTEMPTS, Job, SQLStore, check_room, choose_batch,
+                                     image_file, input_file, job_from_row)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -79,12 +79,7 @@ class SQLiteStore(SQLStore):
                 waiting, mine = self.db.execute(
                     "SELECT COUNT(*), COALESCE(SUM(owner = ?), 0) FROM jobs WHERE state IN ('queued', 'running')",
                     (job.owner,)).fetchone()
-                if waiting >= max_queued:
-                    raise QueueFull(f"the queue is full ({waiting} jobs waiting, the limit is {max_queued}); "
-                                    "try again when some have finished", 30)
-                if mine >= max_queued_per_user:
-                    raise QueueFull(f"you have {mine} jobs waiting, the limit per user is {max_queued_per_user}; "
-                                    "wait for them or cancel some", 10)
+                check_room(waiting, mine, max_queued, max_queued_per_user)
                 job.created = time.time()
                 cur = self.db.execute(
                     "INSERT INTO jobs (id, owner, task, params, batch_key, state, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
