@@ -29,10 +29,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from report import machine, prepend  # noqa: E402
 from stablediff.server.store_postgres import _safe  # noqa: E402
-from serving import Server, Worker, free_port  # noqa: E402
+from serving import RAY_ENV, Server, Worker, free_port  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
-RAY_ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}  # loopback only
 
 
 def batch_run(jobs: Path, outdir: Path, *flags) -> tuple[float, float]:

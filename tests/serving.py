@@ -1,6 +1,7 @@
 """A real `stablediff serve` under uvicorn on a free loopback port, for the tests to speak HTTP to, and
 `stablediff worker` processes; always stopped."""
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -9,6 +10,13 @@ import time
 from pathlib import Path
 
 import httpx
+
+
+# A Ray cluster of the tests' own: on loopback only (Ray binds the head to 127.0.0.1, not the machine's address, with
+# clusters "off") and with token authentication on a token of this run's, so a ~/.ray/auth_token left by some other
+# cluster (Ray turns tokens on for any process that finds that file) can neither lock the nodes out nor let them in.
+RAY_ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
 
 
 def free_port() -> int:
