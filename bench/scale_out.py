@@ -29,7 +29,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from report import machine, prepend  # noqa: E402
 from stablediff.server.store_postgres import _safe  # noqa: E402
-from serving import RAY_ENV, Server, Worker, free_port  # noqa: E402
+from serving import Server, Worker, free_port, ray_env  # noqa: E402
+
+RAY_ENV = ray_env()
 
 PROMPT = "a red circle on a blue background"
 

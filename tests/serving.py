@@ -15,8 +15,13 @@ import httpx
 # A Ray cluster of the tests' own: on loopback only (Ray binds the head to 127.0.0.1, not the machine's address, with
 # clusters "off") and with token authentication on a token of this run's, so a ~/.ray/auth_token left by some other
 # cluster (Ray turns tokens on for any process that finds that file) can neither lock the nodes out nor let them in.
-RAY_ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+# Built at each call, so it carries what the run has set since import (the tests' private XDG_CACHE_HOME).
+_RAY_TOKEN = secrets.token_hex(16)
+
+
+def ray_env() -> dict:
+    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _RAY_TOKEN}
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from PIL import Image
 from stablediff import StableDiffusion, cli
 from stablediff.batch import read_jobs
 
-from serving import RAY_ENV, free_port
+from serving import free_port, ray_env
 
 PROMPT = "a red circle on a blue background"
 
@@ -112,7 +112,7 @@ def test_the_same_job_twice_is_one_job(tmp_path):
 def ray_cluster(tmp_path_factory):
     pytest.importorskip("ray")
     ray = Path(sys.executable).parent / "ray"
-    port, env = free_port(), RAY_ENV
+    port, env = free_port(), ray_env()
     log = tmp_path_factory.mktemp("ray") / "node.log"
     node = None
     try:
@@ -146,7 +146,7 @@ def test_forty_jobs_on_two_ray_actors_with_one_killed_each_once_equal_to_in_proc
     out, here = tmp_path / "ray-out", tmp_path / "here"
     command = [sys.executable, "-m", "stablediff.cli", "batch", str(jobs), "--outdir", str(out), "--ray", ray_cluster]
     with open(tmp_path / "batch.log", "wb") as log:
-        run = subprocess.Popen(command, env=RAY_ENV, stdout=log, stderr=subprocess.STDOUT)
+        run = subprocess.Popen(command, env=ray_env(), stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300
             while len(list((out / "jobs").glob("*.json")) if (out / "jobs").is_dir() else []) < 8:
@@ -173,6 +173,6 @@ def test_forty_jobs_on_two_ray_actors_with_one_killed_each_once_equal_to_in_proc
     for name in ours:
         assert np.array_equal(pixels(out / name), pixels(here / name)), name
     assert theirs == ours  # byte for byte, infotext included
-    rerun = subprocess.run(command, env=RAY_ENV, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(command, env=ray_env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0 and "0 rendered, 40 done before" in rerun.stderr
     assert pngs(out) == theirs
