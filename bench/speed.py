@@ -136,7 +136,7 @@ def in_process(path: Path, configs: Path, dtype: torch.dtype, args) -> tuple[lis
 
     with torch.no_grad():
         rows.append(("text encoding (prompt + negative)", *paired(*as_processes(
-            lambda: encode_text(ours, ["a photo of a cat", ""]),
+            lambda: encode_text(ours, ["a photo of a cat", ""])[0],
             lambda: theirs.encode_prompt("a photo of a cat", "cpu", 1, True, "")), args.reps), None))
     print(rows[-1], flush=True)
     step_flops = {}

@@ -33,6 +33,7 @@ from stablediff.pipelines.common import fit as common_fit
 from stablediff.pipelines.depth import NO_DEPTH_SOURCE, depth_from_image, estimate_depth
 from stablediff.pipelines.finish import Screen, finish
 from stablediff.pipelines.hires import Hires
+from stablediff.pipelines.refiner import Refiner
 from stablediff.pipelines.txt2img import txt2img as run_txt2img
 from stablediff.pipelines.upscale import upscale as upscale_pipeline
 from stablediff.safety import check_watermark_text
@@ -49,10 +50,31 @@ def _build(cls, cfg, sd, prefixes, what, dtype, device):
     return module.eval().requires_grad_(False)
 
 
+# few-step models: Turbo (adversarial diffusion distillation) takes 1 to 4 steps of Euler a on trailing timesteps
+# without guidance, at 512; LCM 2 to 8 steps of its own sampler, guidance off. As Stability's and LCM's model cards.
+FEW_STEP = {"turbo": {"sampler": "Euler a", "schedule": "trailing", "steps": 1, "scale": 1.0},
+            "lcm": {"sampler": "LCM", "steps": 4, "scale": 1.0}}
+
+
+def few_step_kind(spec: ModelSpec, path: Path) -> str | None:
+    """"turbo" or "lcm" where the model's name says so (sd_xl_turbo_1.0, sd_turbo, LCM_Dreamshaper_v7, lcm-sdxl) or
+    its folder's scheduler is LCMScheduler; the tensors of these models are those of the models they come from."""
+    name = spec.name.lower()
+    if "turbo" in name:
+        return "turbo"
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    if path.is_dir() and scheduler.is_file():
+        name += " " + str(folder_fmt.read_config(path, "scheduler", "scheduler_config.json").get("_class_name")).lower()
+    return "lcm" if "lcm" in name else None
+
+
 def read_spec(path: Path, config=None, use_ema: bool = True, prediction: str | None = None,
               unsafe_pickle: bool = False, vae: str | Path | None = None) -> ModelSpec:
     """Configs and weights from a diffusers folder or a single checkpoint file, with an optional VAE file."""
     spec = _read_source(path, config, use_ema, prediction, unsafe_pickle)
+    if (kind := few_step_kind(spec, path)) is not None:  # what the model's own config says still wins
+        spec.sampling = {**FEW_STEP[kind], **spec.sampling}
+        spec.native_size = 512 if kind == "turbo" else spec.native_size
     if vae is not None:
         sd, prefixes = vae_weights(Path(vae), unsafe_pickle)
         spec.weights["vae"] = (sd, vae_prefixes(spec.vae) if prefixes is None else prefixes)
@@ -108,17 +130,20 @@ def lora_uses(loras) -> tuple[LoraUse, ...]:
     return uses
 
 
-SAMPLING = {"sampler": "DPM++ 2M Karras", "scale": 7.5}  # when neither the call nor the model says
+SAMPLING = {"sampler": "DPM++ 2M Karras", "scale": 7.5, "steps": 20}  # when neither the call nor the model says
 
 
 def _sampling(model: "StableDiffusion", steps: int, sampler: str | None, schedule: str | None, scale: float | None,
               eta: float | None, clip_skip: int, subseed: int | None, subseed_strength: float) -> dict:
-    """The sampling options every image method passes on to its pipeline: a sampler or scale left as None is
+    """The sampling options every image method passes on to its pipeline: a sampler, scale or steps left as None is
     the model's own default (SAMPLING where it has none); a variation strength without a variation seed draws
     one, the same for every tile and pass of the call."""
     if subseed_strength and subseed is None:
         subseed = random.randrange(2**32)
-    return dict(steps=steps, sampler=sampler or model.sampling["sampler"], schedule=schedule,
+    if sampler is None and schedule is None:  # the model's own sampler, on its own schedule where it names one
+        schedule = model.sampling.get("schedule")
+    return dict(steps=model.sampling["steps"] if steps is None else steps, sampler=sampler or model.sampling["sampler"],
+                schedule=schedule,
                 scale=model.sampling["scale"] if scale is None else scale, eta=eta, clip_skip=clip_skip,
                 subseed=subseed, subseed_strength=subseed_strength)
 
@@ -156,8 +181,8 @@ def _size(image: Image.Image, width: int | None, height: int | None) -> tuple[in
 
 @dataclass
 class StableDiffusion:
-    tokenizer: ClipTokenizer
-    text_encoder: ClipTextModel
+    tokenizer: ClipTokenizer | None  # None: SDXL's refiner, which has only the second text encoder
+    text_encoder: ClipTextModel | None
     unet: UNet
     vae: AutoencoderKL
     schedule: TrainSchedule
@@ -176,6 +201,12 @@ class StableDiffusion:
     max_pixels: int = checks.MAX_PIXELS  # the largest image (width x height) a call may ask for
     screen: Screen | None = None  # the safety checker: a flagged image is returned black, info["nsfw"] True
     watermark: str | None = None  # text embedded invisibly in every image (invisible-watermark's dwtDct)
+    tokenizer_2: ClipTokenizer | None = None  # SDXL: OpenCLIP ViT-bigG/14, whose pooled output joins the UNet's vector
+    text_encoder_2: ClipTextModel | None = None
+    # SDXL's size conditioning where not the render's own (conditioning.size_numbers): original_size and target_size
+    # as (height, width), crop as (top, left); the refiner's aesthetic_score and negative_aesthetic_score
+    size_conditioning: dict = field(default_factory=dict)
+    zero_empty_negatives: bool = True  # SDXL: a batch's negative prompts all empty are zeros (diffusers' force_zeros)
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "auto", dtype: str | torch.dtype | None = None, *,
@@ -208,9 +239,9 @@ class StableDiffusion:
                 parse_sampler(spec.sampling["sampler"])
             except UserError as e:
                 raise UserError(f"the model's YAML config has default_sampler: {e}") from None
-        built = {part: _build(cls_, cfg, *spec.weights[part], part, dt, dev)
-                 for part, cls_, cfg in (("text_encoder", ClipTextModel, spec.clip), ("unet", UNet, spec.unet),
-                                         ("vae", AutoencoderKL, spec.vae))}
+        classes = {"text_encoder": ClipTextModel, "text_encoder_2": ClipTextModel, "unet": UNet, "vae": AutoencoderKL}
+        built = {part: _build(cls_, spec.config_of(part), *spec.weights[part], part, dt, dev)
+                 if spec.config_of(part) is not None else None for part, cls_ in classes.items()}
         keep_freed_memory(dev)  # after loading, whose large buffers are freed once and for all
         if compile:
             compile_module(built["unet"], dev)
@@ -218,13 +249,19 @@ class StableDiffusion:
         if not spec.prediction_known:  # SD 2.x base weights: the 768 v model or the 512 epsilon one
             is_v = probe_v_prediction(built["unet"])
             schedule, native = replace(schedule, prediction="v" if is_v else "epsilon"), 768 if is_v else 512
-        return cls(tokenizer=ClipTokenizer(spec.tokenizer_tables, pad_token=spec.pad_token, max_len=spec.clip.max_len),
+        tokenizers = {"tokenizer": ClipTokenizer(spec.tokenizer_tables, pad_token=spec.pad_token,
+                                                 max_len=spec.clip.max_len) if spec.clip else None}
+        if spec.clip2 is not None:
+            tokenizers["tokenizer_2"] = ClipTokenizer(spec.tokenizer2_tables, pad_token=spec.pad_token_2,
+                                                      max_len=spec.clip2.max_len)
+        return cls(**tokenizers,
                    schedule=schedule, name=spec.name, device=dev, dtype=dt, native_size=native, family=spec.family,
                    variant=spec.variant, model_hash=cached_hash(path) if path.is_file() else None,
                    low_res_schedule=spec.low_res_schedule,
                    embeddings=EmbeddingLibrary(embeddings_dir) if embeddings_dir is not None else None,
                    lora_dir=Path(lora_dir) if lora_dir is not None else None, sampling={**SAMPLING, **spec.sampling},
-                   screen=screen, watermark=watermark, **built).use_loras(loras)
+                   screen=screen, watermark=watermark, zero_empty_negatives=spec.zero_empty_negatives,
+                   **built).use_loras(loras)
 
     def __post_init__(self):
         self._denoiser = Denoiser(self.unet, self.schedule)
@@ -259,43 +296,45 @@ class StableDiffusion:
         return prompts, negatives, checks.check_seed_list(seeds)
 
     @_finished
-    def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int = 20,
+    def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int | None = None,
                 sampler: str | None = None, schedule: str | None = None, scale: float | None = None,
                 eta: float | None = None, clip_skip: int = 1, width: int | None = None, height: int | None = None,
                 seed: int | list[int] | None = None, subseed: int | None = None,
                 subseed_strength: float = 0.0, batch_size: int = 1, hires: Hires | None = None,
-                callback: Callable | None = None) -> list[Image.Image]:
+                refiner: Refiner | None = None, callback: Callable | None = None) -> list[Image.Image]:
         """Images for a prompt (batch_size of them) or one per prompt in a list; image i uses seed + i (or
         seed[i]). sampler, scale None: the model's own defaults (`model.sampling`; DPM++ 2M Karras and 7.5 unless
         its config names others). schedule None: the one in the sampler's name ("... Karras"), else the model's own.
         clip_skip: 1 uses the text encoder's usual layer, 2 the one before it (through the final layer norm), and so on.
         subseed, subseed_strength: variation seeds (image i's noise slerped towards subseed + i's). hires: a second
-        pass at a larger size (AUTOMATIC1111's hires fix)."""
+        pass at a larger size (AUTOMATIC1111's hires fix). refiner: Refiner(StableDiffusion.load(...), switch=0.8), a
+        second model (SDXL's refiner) that runs the steps after the switch."""
         prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
         return run_txt2img(self, prompts, negatives, seeds, width=width or self.native_size,
-                           height=height or self.native_size, hires=hires, callback=callback,
+                           height=height or self.native_size, hires=hires, refiner=refiner, callback=callback,
                            **_sampling(self, steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
 
     @_finished
     def img2img(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
-                strength: float = 0.75, steps: int = 20, sampler: str | None = None, schedule: str | None = None,
+                strength: float = 0.75, steps: int | None = None, sampler: str | None = None, schedule: str | None = None,
                 scale: float | None = None, eta: float | None = None, clip_skip: int = 1, width: int | None = None,
                 height: int | None = None, resize_mode: str = "just-resize", seed: int | list[int] | None = None,
                 subseed: int | None = None, subseed_strength: float = 0.0, batch_size: int = 1,
-                callback: Callable | None = None) -> list[Image.Image]:
+                refiner: Refiner | None = None, callback: Callable | None = None) -> list[Image.Image]:
         """The image re-rendered under the prompt; strength 0 keeps it, 1 repaints it. Size: the image's own,
-        rounded down to a multiple of 8, unless width/height say otherwise (then resize_mode applies)."""
+        rounded down to a multiple of 8, unless width/height say otherwise (then resize_mode applies). refiner: as
+        txt2img's."""
         init = _image(image)
         prompts, negatives, seeds = self._batch(prompt, negative_prompt, seed, batch_size)
         w, h = _size(init, width, height)
         return image_pipelines.img2img(self, [init] * len(prompts), prompts, negatives, seeds, strength=strength,
-                                       width=w, height=h, resize_mode=resize_mode, callback=callback,
+                                       width=w, height=h, resize_mode=resize_mode, refiner=refiner, callback=callback,
                                        **_sampling(self, steps, sampler, schedule, scale, eta, clip_skip, subseed, subseed_strength))
 
     @_finished
     def depth2img(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "",
                   *, depth_map: Image.Image | str | Path | None = None, depth_model: str | Path | None = None,
-                  strength: float = 0.8, steps: int = 20, sampler: str | None = None, schedule: str | None = None,
+                  strength: float = 0.8, steps: int | None = None, sampler: str | None = None, schedule: str | None = None,
                   scale: float | None = None, eta: float | None = None, clip_skip: int = 1, width: int | None = None,
                   height: int | None = None, resize_mode: str = "just-resize", seed: int | list[int] | None = None,
                   subseed: int | None = None, subseed_strength: float = 0.0, batch_size: int = 1,
@@ -320,7 +359,7 @@ class StableDiffusion:
     def inpaint(self, image: Image.Image | str | Path, mask: Image.Image | str | Path, prompt: str | list[str],
                 negative_prompt: str | list[str] = "", *, strength: float = 1.0, fill: str = "original",
                 mask_blur: int = 4, invert_mask: bool = False, only_masked: bool = False, padding: int = 32,
-                steps: int = 20, sampler: str | None = None, schedule: str | None = None, scale: float | None = None,
+                steps: int | None = None, sampler: str | None = None, schedule: str | None = None, scale: float | None = None,
                 eta: float | None = None, clip_skip: int = 1, width: int | None = None, height: int | None = None,
                 resize_mode: str = "just-resize", seed: int | list[int] | None = None, subseed: int | None = None,
                 subseed_strength: float = 0.0, batch_size: int = 1,
@@ -345,7 +384,7 @@ class StableDiffusion:
 
     @_finished
     def upscale(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
-                noise_level: int = 20, tile: int = 128, overlap: int = 32, steps: int = 20,
+                noise_level: int = 20, tile: int = 128, overlap: int = 32, steps: int | None = None,
                 sampler: str | None = None, schedule: str | None = None, scale: float = 9.0,
                 eta: float | None = None, clip_skip: int = 1, seed: int | list[int] | None = None,
                 subseed: int | None = None, subseed_strength: float = 0.0, batch_size: int = 1,
@@ -362,7 +401,7 @@ class StableDiffusion:
     @_finished
     def outpaint(self, image: Image.Image | str | Path, prompt: str | list[str], negative_prompt: str | list[str] = "",
                  *, extend: tuple[int, int, int, int] = (0, 0, 0, 0), mask_blur: int = 8, fill: str = "original",
-                 steps: int = 20, sampler: str | None = None, schedule: str | None = None, scale: float | None = None,
+                 steps: int | None = None, sampler: str | None = None, schedule: str | None = None, scale: float | None = None,
                  eta: float | None = None, clip_skip: int = 1, seed: int | list[int] | None = None,
                  subseed: int | None = None, subseed_strength: float = 0.0, batch_size: int = 1,
                  callback: Callable | None = None) -> list[Image.Image]:

@@ -97,7 +97,8 @@ def _add_generation(sub, name: str, help_text: str, description: str):
     p.add_argument("--model", "--ckpt", help="a .safetensors/.ckpt checkpoint or a diffusers-layout folder "
                                             "(default: the small demo model that ships with stablediff)")
     p.add_argument("--outdir", default=f"outputs/{name}-samples", help="where samples/ and grids go")
-    p.add_argument("--steps", "--ddim_steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--steps", "--ddim_steps", type=int, default=None,
+                   help="sampling steps (default: the model's own: 1 for Turbo models, 4 for LCM ones, else 20)")
     p.add_argument("--sampler", default=None,
                    help=f"one of {SAMPLER_HELP} (default: the model's own, else DPM++ 2M Karras)")
     p.add_argument("--plms", action="store_true", help="same as --sampler plms")
@@ -143,9 +144,43 @@ def _add_generation(sub, name: str, help_text: str, description: str):
     p.add_argument("--from-png", metavar="PNG",
                    help="take the prompt and settings from a PNG's parameters (ours or AUTOMATIC1111's); flags given "
                         "as well win over them")
+    _add_sdxl_flags(p)
     _add_finish_flags(p, "every image")
     _add_model_flags(p, "a separate VAE file (CompVis or diffusers layout) to decode and encode with")
     return p
+
+
+def _add_sdxl_flags(p) -> None:
+    g = p.add_argument_group("SDXL's size conditioning (default: original = target = the image's size, crop 0,0)")
+    g.add_argument("--original-size", metavar="W,H", help="the size the model is told the source image had")
+    g.add_argument("--target-size", metavar="W,H", help="the size the model is told to aim for")
+    g.add_argument("--crop", metavar="LEFT,TOP", help="the crop the model is told was made (0,0: a centred subject)")
+    g.add_argument("--aesthetic-score", type=number, default=None, help="the refiner's score for the prompt (6)")
+    g.add_argument("--negative-aesthetic-score", type=number, default=None,
+                   help="the refiner's score for the negative prompt (2.5)")
+
+
+def _pair(text: str | None, flag: str) -> tuple[int, int] | None:
+    """"W,H" (or "W x H") as two non-negative integers."""
+    if text is None:
+        return None
+    parts = text.lower().replace("x", ",").split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise UserError(f"{flag} {text}: give two whole numbers of pixels, as in {flag} 1024,1024")
+    return int(parts[0]), int(parts[1])
+
+
+def size_conditioning(args) -> dict:
+    """model.size_conditioning from the SDXL flags: sizes as (height, width) and the crop as (top, left), as the model
+    reads them."""
+    out = {}
+    for flag, key in (("--original-size", "original_size"), ("--target-size", "target_size"), ("--crop", "crop")):
+        if (pair := _pair(getattr(args, key), flag)) is not None:
+            out[key] = pair[::-1]
+    for key in ("aesthetic_score", "negative_aesthetic_score"):
+        if getattr(args, key) is not None:
+            out[key] = getattr(args, key)
+    return out
 
 
 def _add_image_flags(p, strength: float) -> None:
@@ -154,6 +189,13 @@ def _add_image_flags(p, strength: float) -> None:
                    help=f"how much to change it, 0..1: the last int(steps x strength) steps run (default {strength})")
     p.add_argument("--resize-mode", default="just-resize", choices=("just-resize", "crop-and-resize", "resize-and-fill"),
                    help="when the image is not the requested size")
+
+
+def _add_refiner_flags(p) -> None:
+    p.add_argument("--refiner", metavar="MODEL", help="a second model (SDXL's refiner) to run the steps after "
+                                                      "--refiner-switch; loaded on the same device, in the same precision")
+    p.add_argument("--refiner-switch", type=number, default=0.8,
+                   help="the fraction of the schedule the main model runs before the refiner takes over (0.8)")
 
 
 def _add_commands(sub) -> None:
@@ -165,9 +207,11 @@ def _add_commands(sub) -> None:
     p.add_argument("--hires-denoise", type=number, default=0.7, help="hires fix: how much the second pass changes, 0..1 (0.7)")
     p.add_argument("--hires-upscaler", default="latent", choices=("latent", "latent-nearest", "lanczos"),
                    help="hires fix: enlarge the latents (default) or the decoded image with Lanczos")
+    _add_refiner_flags(p)
     p = _add_generation(sub, "img2img", "re-render an image under a prompt",
                         "Re-render an image under a prompt (SDEdit). CompVis' scripts/img2img.py flags work too.")
     _add_image_flags(p, 0.75)
+    _add_refiner_flags(p)
     p = _add_generation(sub, "depth2img", "re-render an image keeping its depth (SD 2 depth model)",
                         "Re-render an image under a prompt, keeping the scene's depth, with an SD 2 depth model.")
     _add_image_flags(p, 0.8)
@@ -664,6 +708,15 @@ def _check_numbers(args) -> None:
         raise UserError(f"--C {args.C}: Stable Diffusion latents have 4 channels")
     if getattr(args, "tile_overlap", 0) >= getattr(args, "tile", 1):
         raise UserError(f"--tile-overlap {args.tile_overlap} must be smaller than --tile {args.tile}")
+    size_conditioning(args)
+    if getattr(args, "refiner", None):
+        if not 0 < args.refiner_switch < 1:
+            raise UserError(f"--refiner-switch must be between 0 and 1, the fraction of the steps the main model runs "
+                            f"(got {args.refiner_switch:g})")
+        if getattr(args, "hires_scale", None) is not None:
+            raise UserError("--refiner and the hires fix (--hires-scale) do not go together yet: use one of them")
+        if not Path(args.refiner).exists():
+            raise UserError(f"--refiner {args.refiner}: no such file or folder")
 
 
 def batches(prompts: list[str], args, seed: int):
@@ -685,7 +738,8 @@ def _render(model, args, images: dict, prompts: list[str], seeds: list[int], cal
                   callback=callback)
     if args.command == "txt2img":
         return model.txt2img(prompts, args.negative_prompt, width=args.W or model.native_size,
-                             height=args.H or model.native_size, hires=_hires(args), **shared)
+                             height=args.H or model.native_size, hires=_hires(args), refiner=args.refiner_model,
+                             **shared)
     if args.command == "upscale":
         return model.upscale(images["init"], prompts, args.negative_prompt, noise_level=args.noise_level, tile=args.tile,
                              overlap=args.tile_overlap, **shared)
@@ -694,7 +748,7 @@ def _render(model, args, images: dict, prompts: list[str], seeds: list[int], cal
                               mask_blur=args.mask_blur, **shared)
     shared.update(width=args.W, height=args.H, strength=args.strength, resize_mode=args.resize_mode)
     if args.command == "img2img":
-        return model.img2img(images["init"], prompts, args.negative_prompt, **shared)
+        return model.img2img(images["init"], prompts, args.negative_prompt, refiner=args.refiner_model, **shared)
     if args.command == "depth2img":
         return model.depth2img(images["init"], prompts, args.negative_prompt, depth_map=images.get("depth"),
                                depth_model=args.depth_model, **shared)
@@ -842,6 +896,17 @@ def _load_for(args, prompts: list[str]):
                                  embeddings_dir=args.embeddings_dir, lora_dir=args.lora_dir, loras=args.lora,
                                  compile=args.compile, **_finish_kwargs(args), **_load_kwargs(args))
     model.max_pixels = args.max_pixels
+    model.size_conditioning = size_conditioning(args)
+    args.steps = model.sampling["steps"] if args.steps is None else args.steps
+    args.refiner_model = None
+    if getattr(args, "refiner", None):
+        from stablediff.pipelines.refiner import Refiner
+
+        refiner = StableDiffusion.load(args.refiner, device=model.device, dtype=model.dtype,
+                                       unsafe_pickle=args.unsafe_pickle)
+        refiner.size_conditioning = model.size_conditioning
+        args.refiner_model = Refiner(refiner, args.refiner_switch)
+        args.refiner_model.check()
     if args.f is not None and args.f != model.vae_scale:
         raise UserError(f"--f {args.f}: this model's VAE downsamples by {model.vae_scale}")
     if getattr(args, "png_model", None) and args.png_model != model.name:

@@ -5,20 +5,23 @@ from stablediff.errors import UserError
 # our key -> the webui's label (written into PNG parameters); the sampler functions are in diffusion/samplers.py
 SAMPLER_LABELS = {"ddim": "DDIM", "plms": "PLMS", "ddpm": "DDPM", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
                   "heun": "Heun", "dpm2": "DPM2", "dpm2_a": "DPM2 a", "dpmpp_2m": "DPM++ 2M", "dpmpp_2s_a": "DPM++ 2S a",
-                  "dpmpp_sde": "DPM++ SDE", "dpmpp_2m_sde": "DPM++ 2M SDE", "unipc": "UniPC"}
+                  "dpmpp_sde": "DPM++ SDE", "dpmpp_2m_sde": "DPM++ 2M SDE", "unipc": "UniPC",
+                  "lcm": "LCM"}
 
 # what the webui (1.9 and later) means by "Schedule type: Automatic" for each sampler: its own scheduler option,
 # else k-diffusion's get_sigmas (Uniform); its DDIM, PLMS and UniPC step on the DDIM timesteps
 A1111_AUTOMATIC = {"ddim": "ddim", "plms": "ddim", "ddpm": "ddim", "unipc": "ddim", "lms": "uniform", "euler": "uniform",
                    "euler_a": "uniform", "heun": "uniform", "dpm2": "karras", "dpm2_a": "karras", "dpmpp_2m": "karras",
-                   "dpmpp_2s_a": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": "exponential"}
+                   "dpmpp_2s_a": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": "exponential",
+                   "lcm": "uniform"}
 
 # default: the model's own spacing (leading, trailing or linspace, from its config). The webui's schedules are ours
 # too, by its definitions (modules/sd_schedulers.py): uniform and sgm_uniform interpolate log sigma at fractional
-# timesteps, simple and ddim pick training timesteps (ddim can give one step more than asked, as the webui does)
+# timesteps, simple and ddim pick training timesteps (ddim can give one step more than asked, as the webui does);
+# lcm: the timesteps of diffusers' LCMScheduler, the LCM sampler's default
 SCHEDULE_LABELS = {"default": "Default", "karras": "Karras", "exponential": "Exponential", "trailing": "Trailing",
                    "leading": "Leading", "linspace": "Linspace", "uniform": "Uniform", "sgm_uniform": "SGM Uniform",
-                   "simple": "Simple", "ddim": "DDIM"}
+                   "simple": "Simple", "ddim": "DDIM", "lcm": "LCM"}
 SCHEDULES = tuple(SCHEDULE_LABELS)
 A1111_SCHEDULES = ("karras", "exponential", "uniform", "sgm_uniform", "simple", "ddim")  # labels the webui knows
 _READ_SCHEDULES = {**{label.lower(): key for key, label in SCHEDULE_LABELS.items()}, "sgmuniform": "sgm_uniform",

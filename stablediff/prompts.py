@@ -124,9 +124,11 @@ def chunks(tokenizer, text: str, embeddings: dict | None = None) -> list[tuple[l
     return done
 
 
-def encode(text_encoder, tokenizer, prompts: list[str], device, clip_skip: int = 1, embeddings: dict | None = None):
+def encode(text_encoder, tokenizer, prompts: list[str], device, clip_skip: int = 1, embeddings: dict | None = None,
+           pooled: bool = False):
     """(B, 77 * chunks, D) states; every prompt padded with empty chunks to the longest one. clip_skip 2 takes
-    the states one layer earlier than the model's usual one (through the final layer norm), and so on."""
+    the states one layer earlier than the model's usual one (through the final layer norm), and so on. pooled:
+    also (B, P), each prompt's pooled output of its first chunk, without emphasis (SDXL, as the webui)."""
     per_prompt = [chunks(tokenizer, p, embeddings) for p in prompts]
     n = max(len(c) for c in per_prompt)
     empty = chunks(tokenizer, "")[0]
@@ -138,14 +140,17 @@ def encode(text_encoder, tokenizer, prompts: list[str], device, clip_skip: int =
         for row, (_, _, fixes) in enumerate(flat):
             for at, vectors in fixes:
                 tokens[row, at:at + len(vectors)] = vectors.to(tokens)
-    z = text_encoder(ids, skip=text_encoder.config.skip_layers + clip_skip - 1, tokens=tokens)
+    z = text_encoder(ids, skip=text_encoder.config.skip_layers + clip_skip - 1, tokens=tokens, pooled=pooled)
+    if pooled:
+        z, first = z[0], z[1].reshape(len(prompts), n, -1)[:, 0]
     z = list(z.unbind(0))  # one encoder call for every chunk of every prompt
     for i, (_, weights, _) in enumerate(flat):
         if any(w != 1.0 for w in weights):  # emphasis: scale by weight, then restore the chunk's mean
             mean = z[i].float().mean()
             z[i] = z[i] * torch.tensor(weights, device=device, dtype=z[i].dtype)[:, None]
             z[i] = z[i] * (mean / z[i].float().mean()).to(z[i].dtype)
-    return torch.stack(z).reshape(len(prompts), n * z[0].shape[0], z[0].shape[-1])
+    states = torch.stack(z).reshape(len(prompts), n * z[0].shape[0], z[0].shape[-1])
+    return (states, first) if pooled else states
 
 
 # --- prompt editing [from:to:when], alternation [a|b] and AND -------------------------------------------------------

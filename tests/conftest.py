@@ -157,3 +157,59 @@ def ours(tiny_model_dir):
     from stablediff import StableDiffusion
 
     return StableDiffusion.load(tiny_model_dir, device="cpu", dtype="fp32")
+
+
+def make_sdxl_pipeline(in_channels: int = 4, refiner: bool = False):
+    """A tiny SDXL of the real design: CLIP ViT-L-like and bigG-like text encoders (64-wide heads, as every real SDXL
+    text tower and UNet attention layer: single files do not record head counts), a three-level UNet with per-level
+    transformer depths and the pooled text + size "text_time" embedding; the refiner: the second encoder alone and
+    a vector with the aesthetic score."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0 if not refiner else 5)
+    gen = torch.Generator().manual_seed(3)
+    pooled, time_dim = 32, 8
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64 if refiner else 128, attention_head_dim=(1, 1, 2), use_linear_projection=True,
+        transformer_layers_per_block=(1, 1, 2), addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=pooled + (5 if refiner else 6) * time_dim, norm_num_groups=32)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 64, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=32, sample_size=64, scaling_factor=0.13025)
+    common = dict(vocab_size=49408, hidden_size=64, num_hidden_layers=3, num_attention_heads=1, intermediate_size=37,
+                  max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
+    text = CLIPTextModel(CLIPTextConfig(**common, pad_token_id=49407, hidden_act="quick_gelu"))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, pad_token_id=1, hidden_act="gelu",
+                                                        projection_dim=pooled))
+    for m in (unet, vae, text, text_2):
+        _jitter_norms(m, gen)
+    tok = CLIPTokenizer(str(TABLES / "vocab.json"), str(TABLES / "merges.txt"), pad_token="<|endoftext|>",
+                        model_max_length=77)
+    tok_2 = CLIPTokenizer(str(TABLES / "vocab.json"), str(TABLES / "merges.txt"), pad_token="!", model_max_length=77)
+    # SDXL 1.0's scheduler config
+    sched = EulerDiscreteScheduler.from_config(dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
+        timestep_spacing="leading", interpolation_type="linear", prediction_type="epsilon", use_karras_sigmas=False,
+        clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True, sample_max_value=1.0))
+    if refiner:
+        return StableDiffusionXLImg2ImgPipeline(vae=vae, text_encoder=None, text_encoder_2=text_2, tokenizer=None,
+                                                tokenizer_2=tok_2, unet=unet, scheduler=sched,
+                                                requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    cls = StableDiffusionXLInpaintPipeline if in_channels == 9 else StableDiffusionXLPipeline
+    return cls(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok, tokenizer_2=tok_2, unet=unet,
+               scheduler=sched, force_zeros_for_empty_prompt=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny SDXL base folder (diffusers layout) and diffusers' pipeline on it."""
+    path = tmp_path_factory.mktemp("models") / "tiny-sdxl"
+    pipe = make_sdxl_pipeline()
+    pipe.save_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return path, pipe

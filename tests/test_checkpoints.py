@@ -92,11 +92,12 @@ def test_yaml_sampling_defaults(files, reference, tmp_path):
         return StableDiffusion.load(files / "tiny.safetensors", device="cpu", dtype="fp32", config=tmp_path / "c.yaml")
 
     model = load(timestep_spacing="trailing", default_sampler="Euler", default_scale=7.5)
-    assert (model.schedule.spacing, model.sampling) == ("trailing", {"sampler": "Euler", "scale": 7.5})
+    assert (model.schedule.spacing, model.sampling) == ("trailing", {"sampler": "Euler", "scale": 7.5, "steps": 20})
     image = model.txt2img("a photo of a cat", steps=20, seed=3, width=64, height=64)
     assert_close(image, reference_image(reference, "EulerDiscreteScheduler", TRAILING, {}))
     plain = load()
-    assert (plain.schedule.spacing, plain.sampling) == ("leading", {"sampler": "DPM++ 2M Karras", "scale": 7.5})
+    assert (plain.schedule.spacing, plain.sampling) == ("leading", {"sampler": "DPM++ 2M Karras", "scale": 7.5,
+                                                                   "steps": 20})
     # the model's scale is the one used: the same image as naming it
     model = load(default_scale=4)
     same = model.txt2img("a photo of a cat", steps=4, seed=3, width=64, height=64, scale=4, sampler="DPM++ 2M Karras")

@@ -62,7 +62,8 @@ def test_presets_match_the_configs_of_record():
 
 
 FOREIGN = [
-    ({"conditioner.embedders.1.model.ln_final.weight": (1280,), UNET + "input_blocks.0.0.weight": (320, 4, 3, 3)}, "an SDXL model"),
+    ({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,), "first_stage_model.x": (1,),
+      UNET + "input_blocks.0.0.weight": (320, 4, 3, 3)}, "an SDXL file without its OpenCLIP bigG text encoder"),
     ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536)}, "an SD3 model"),
     ({"double_blocks.0.img_attn.qkv.weight": (9216, 3072)}, "a Flux model"),
     ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320)}, "a LoRA"),

@@ -109,3 +109,63 @@ def test_single_file_recognised_without_config(pair, folder, tmp_path, suffix):
     expected = reference_image(ref, "DPMSolverMultistepScheduler", KARRAS, {}, prompt="a red house")
     assert_close(model.txt2img("a red house", steps=20, sampler="dpmpp_2m", schedule="karras", seed=3, width=64,
                                height=64), expected)
+
+
+def sdxl_shaped_pipeline():
+    """SDXL 1.0's shapes with random weights: the 2.6B-parameter UNet, CLIP ViT-L and OpenCLIP bigG text encoders."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from conftest import TABLES
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20), use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=1024, scaling_factor=0.13025)
+    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
+    text = CLIPTextModel(CLIPTextConfig(**common, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                        intermediate_size=3072, hidden_act="quick_gelu", pad_token_id=49407))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, hidden_size=1280, num_hidden_layers=32,
+                                                        num_attention_heads=20, intermediate_size=5120,
+                                                        hidden_act="gelu", pad_token_id=1, projection_dim=1280))
+    tok = CLIPTokenizer(str(TABLES / "vocab.json"), str(TABLES / "merges.txt"), model_max_length=77)
+    tok_2 = CLIPTokenizer(str(TABLES / "vocab.json"), str(TABLES / "merges.txt"), pad_token="!", model_max_length=77)
+    sched = EulerDiscreteScheduler.from_config(dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+        clip_sample=False, set_alpha_to_one=False))
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok,
+                                     tokenizer_2=tok_2, unet=unet, scheduler=sched)
+
+
+def test_sdxl_single_file_recognised_without_config_renders_as_diffusers_at_256(tmp_path):
+    """A full-size SDXL-shaped file in Stability's layout: recognised from its tensors, and at 256x256 the image of
+    diffusers' pipeline on the same weights (one model in memory at a time: about 16 GB)."""
+    import gc
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from stablediff import StableDiffusion
+    from stablediff.api import read_spec
+    from stablediff.checkpoints.convert import convert
+    from test_sdxl import reference
+
+    sdxl_shaped_pipeline().save_pretrained(tmp_path / "folder")
+    gc.collect()
+    convert(read_spec(tmp_path / "folder"), tmp_path / "sdxl.safetensors")
+    model = StableDiffusion.load(tmp_path / "sdxl.safetensors", device="cpu", dtype="fp32")
+    assert (model.family, model.variant, model.native_size) == ("sdxl", "base", 1024)
+    assert model.unet.config.depth(2) == 10 and model.text_encoder_2.config.layers == 32
+    got = model.txt2img("a red house", steps=8, sampler="euler_a", schedule="default", seed=3, width=256, height=256)
+    del model
+    gc.collect()
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "folder")
+    pipe.set_progress_bar_config(disable=True)
+    expected = reference(pipe, "EulerAncestralDiscreteScheduler", LEADING, prompt="a red house", steps=8,
+                         height=256, width=256)
+    assert_close(got, expected)

@@ -84,9 +84,9 @@ def test_missing_part_and_foreign_families(model_copy):
         StableDiffusion.load(model_copy, device="cpu")
     config_path = model_copy / "unet" / "config.json"
     config = json.loads(config_path.read_text())
-    config["addition_embed_type"] = "text_time"
+    config["addition_embed_type"] = "image"  # Kandinsky's
     config_path.write_text(json.dumps(config))
-    with pytest.raises(UserError, match="SDXL"):
+    with pytest.raises(UserError, match="not a Stable Diffusion 1.x/2.x/XL UNet"):
         StableDiffusion.load(model_copy, device="cpu")
 
 

@@ -9,7 +9,7 @@ from stablediff import StableDiffusion, cli, tasks
 from stablediff.errors import UserError
 from stablediff.pipelines.hires import Hires
 
-NOT_KEYWORDS = {"self", "image", "mask", "prompt", "callback", "hires", "depth_model"}  # positional, or objects
+NOT_KEYWORDS = {"self", "image", "mask", "prompt", "callback", "hires", "refiner", "depth_model"}  # positional, or objects
 
 
 @pytest.mark.parametrize("task", list(tasks.TASKS))
@@ -65,7 +65,7 @@ def test_the_native_schema_comes_from_the_table():
 
 def test_validate_fills_defaults_and_says_what_was_wrong():
     got = tasks.validate("img2img", {"image": "ref", "prompt": "a cat", "strength": 0.5})
-    assert got["strength"] == 0.5 and got["steps"] == 20 and got["resize_mode"] == "just-resize"
+    assert got["strength"] == 0.5 and got["steps"] is None and got["resize_mode"] == "just-resize"
     for given, message in [({"steps": 0}, "steps must be from 1 to 1000"), ({"steps": 2.5}, "steps must be int"),
                            ({"scale": float("inf")}, "scale must be a finite number"), ({"width": 60}, "not a multiple of 8"),
                            ({"sampler": "DPM fast"}, "unknown sampler"), ({"batch_size": True}, "batch_size must be int"),

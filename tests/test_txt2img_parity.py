@@ -38,6 +38,7 @@ CASES = [
     ("dpmpp_2m_sde", "trailing", None, "DPMSolverMultistepScheduler", {**TRAILING, **SDE}, {}),
     ("dpmpp_2m_sde", "karras", None, "DPMSolverMultistepScheduler", {**KARRAS, **SDE}, {}),
     ("unipc", "trailing", None, "UniPCMultistepScheduler", TRAILING, {}),
+    ("lcm", "default", None, "LCMScheduler", {}, {}),
 ]
 
 

@@ -12,25 +12,29 @@ from stablediff.errors import UserError
 from stablediff.prompts import holds
 
 
-def read_embedding(path: Path) -> torch.Tensor:
-    """The (n, D) vectors of one embedding file, whichever of the common layouts it has."""
+def read_embedding(path: Path) -> dict[str, torch.Tensor]:
+    """The (n, D) vectors of one embedding file, whichever of the common layouts it has: {"": vectors}, or for SDXL
+    {"clip_l": vectors, "clip_g": vectors}, one set per text encoder."""
     data = read_safetensors(path) if path.suffix == ".safetensors" else read_pickle(path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a textual inversion embedding (holds a {type(data).__name__})")
+    if "clip_l" in data or "clip_g" in data:  # SDXL (the webui's and kohya's): a set for each text encoder
+        sets = {k: data.get(k) for k in ("clip_l", "clip_g")}
+        if not all(isinstance(v, torch.Tensor) and v.ndim in (1, 2) for v in sets.values()):
+            raise UserError(f"{path}: an SDXL embedding needs both clip_l and clip_g vectors")
+        return {k: v.detach().float().reshape(-1, v.shape[-1]) for k, v in sets.items()}
     if isinstance(data.get("string_to_param"), dict):  # AUTOMATIC1111 / the original textual_inversion code
         params = list(data["string_to_param"].values())
         vectors = params[0] if len(params) == 1 else None
     elif "emb_params" in data:
         vectors = data["emb_params"]
-    elif "clip_l" in data or "clip_g" in data:
-        raise UserError(f"{path}: an SDXL embedding (clip_l/clip_g); this model has one text encoder")
     else:  # diffusers: one token -> its vector
         tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
         vectors = tensors[0] if len(tensors) == 1 else None
     if not isinstance(vectors, torch.Tensor) or vectors.ndim not in (1, 2):
         raise UserError(f"{path}: not a textual inversion embedding (no string_to_param, emb_params or single "
                         "token vector in it)")
-    return vectors.detach().float().reshape(-1, vectors.shape[-1])
+    return {"": vectors.detach().float().reshape(-1, vectors.shape[-1])}
 
 
 class EmbeddingLibrary:
@@ -55,13 +59,20 @@ class EmbeddingLibrary:
                 found.append(name)
         return found
 
-    def for_texts(self, tokenizer, texts: list[str], width: int) -> dict[tuple[int, ...], torch.Tensor]:
-        """{name's token ids: vectors} for every embedding the texts name."""
+    def for_texts(self, tokenizer, texts: list[str], width: int,
+                  which: str = "") -> dict[tuple[int, ...], torch.Tensor]:
+        """{name's token ids: vectors} for every embedding the texts name; which: the text encoder's set in SDXL
+        files ("clip_l" or "clip_g"), "" for a model with one text encoder."""
         found = {}
         for name in self.used(tokenizer, texts):
             if name not in self.loaded:
                 self.loaded[name] = read_embedding(self.paths[name])
-            vectors = self.loaded[name]
+            sets = self.loaded[name]
+            if which not in sets:
+                have = "an SDXL one (clip_l and clip_g)" if which == "" else "for a model with one text encoder"
+                raise UserError(f"embedding {name} ({self.paths[name]}) is {have}; this model is "
+                                f"{'SDXL' if which else 'not SDXL'} (an embedding trained for another SD version)")
+            vectors = sets[which]
             if vectors.shape[-1] != width:
                 raise UserError(f"embedding {name} ({self.paths[name]}) has {vectors.shape[-1]}-wide vectors; this "
                                 f"model's text encoder is {width} wide (an embedding trained for another SD version)")

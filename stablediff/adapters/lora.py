@@ -54,11 +54,15 @@ def module_names(model) -> dict[str, tuple[str, str]]:
             for name in ("lora_unet_" + theirs.replace(".", "_"), "lora_unet_" + ours.replace(".", "_"), "unet." + theirs,
                          theirs):
                 names[name] = ("unet", ours)
-    for ours, module in model.text_encoder.named_modules():
-        if isinstance(module, nn.Linear):
-            theirs = "text_model." + ours  # transformers 5 saves CLIPTextModel without the text_model level
-            for name in ("lora_te_" + theirs.replace(".", "_"), "text_encoder." + theirs, "text_encoder." + ours):
-                names[name] = ("text_encoder", ours)
+    # kohya: lora_te_ (SD 1.x/2.x), lora_te1_ and lora_te2_ (SDXL's two encoders); diffusers: text_encoder(_2).
+    sdxl = getattr(model, "text_encoder_2", None) is not None
+    for part, kohya in (("text_encoder", "lora_te1_" if sdxl else "lora_te_"), ("text_encoder_2", "lora_te2_")):
+        encoder = getattr(model, part, None)
+        for ours, module in encoder.named_modules() if encoder is not None else ():
+            if isinstance(module, nn.Linear) and ours != "text_projection":
+                theirs = "text_model." + ours  # transformers 5 saves CLIPTextModel without the text_model level
+                for name in (kohya + theirs.replace(".", "_"), f"{part}.{theirs}", f"{part}.{ours}"):
+                    names[name] = (part, ours)
     return names
 
 
@@ -143,7 +147,7 @@ class LoraMerger:
         with torch.no_grad():
             for key in matched:
                 part, name = names[key]
-                weight = use.text_weight if part == "text_encoder" else use.unet_weight
+                weight = use.unet_weight if part == "unet" else use.text_weight
                 param = getattr(model, part).get_submodule(name).weight
                 try:
                     delta = _delta(groups[key], param.shape)

@@ -28,6 +28,8 @@ from stablediff.models.tokenizer import default_tables
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PIPELINES = {"base": "StableDiffusionPipeline", "inpainting": "StableDiffusionInpaintPipeline",
              "depth": "StableDiffusionDepth2ImgPipeline", "upscaler": "StableDiffusionUpscalePipeline"}
+SDXL_PIPELINES = {"base": "StableDiffusionXLPipeline", "inpainting": "StableDiffusionXLInpaintPipeline",
+                  "refiner": "StableDiffusionXLImg2ImgPipeline"}
 
 
 def ours(spec: ModelSpec, dtype: torch.dtype | None) -> dict[str, dict[str, torch.Tensor]]:
@@ -52,26 +54,54 @@ def _text_tower_for_file(spec: ModelSpec, text: dict) -> dict:
 
 
 def to_original(spec: ModelSpec, parts: dict) -> dict[str, torch.Tensor]:
-    text_prefix = rules.CLIP_OPEN if spec.family == "sd2" else rules.CLIP_HF + "text_model."
     sd = {rules.UNET + k: v for k, v in parts["unet"].items()}
     sd.update({rules.VAE + k: v for k, v in parts["vae"].items()})
+    if spec.family == "sdxl":  # Stability's layout: CLIP ViT-L (if any) as embedders.0, bigG after it
+        if "text_encoder" in parts:
+            sd.update({rules.SDXL_CLIP_L + "text_model." + k: v for k, v in parts["text_encoder"].items()})
+        bigg = dict(parts["text_encoder_2"])
+        projection = bigg.pop("text_projection.weight")
+        prefix = rules.SDXL_TEXT + ("1" if "text_encoder" in parts else "0") + ".model."
+        sd.update({prefix + k: v for k, v in hf_to_openclip(bigg, spec.clip2.layers).items()})
+        sd[prefix + "text_projection"] = projection.t().contiguous()
+        return sd
+    text_prefix = rules.CLIP_OPEN if spec.family == "sd2" else rules.CLIP_HF + "text_model."
     sd.update({text_prefix + k: v for k, v in _text_tower_for_file(spec, parts["text_encoder"]).items()})
     return sd
 
 
+def _hf_text(text: dict) -> dict:
+    """Our text-encoder names -> transformers' (CLIPTextModel, CLIPTextModelWithProjection)."""
+    return {(k if k == "text_projection.weight" else "text_model." + k): v for k, v in text.items()}
+
+
 def _to_diffusers_names(parts: dict, spec: ModelSpec) -> dict[str, dict]:
-    text = parts["text_encoder"]
-    if spec.clip.skip_layers:  # SD 2.x from a file: diffusers runs every layer it has, so drop the unused ones
-        keep = spec.clip.layers - spec.clip.skip_layers
-        text = {k: v for k, v in text.items() if not (k.startswith("encoder.layers.") and int(k.split(".")[2]) >= keep)}
+    out = {}
+    if spec.family == "sdxl":  # diffusers keeps every layer and picks the penultimate's states itself
+        out = {part: _hf_text(parts[part]) for part in ("text_encoder", "text_encoder_2") if part in parts}
+    else:
+        text = parts["text_encoder"]
+        if spec.clip.skip_layers:  # SD 2.x from a file: diffusers runs every layer it has, so drop the unused ones
+            keep = spec.clip.layers - spec.clip.skip_layers
+            text = {k: v for k, v in text.items()
+                    if not (k.startswith("encoder.layers.") and int(k.split(".")[2]) >= keep)}
+        out["text_encoder"] = _hf_text(text)
     vae_back = invert(vae_prefixes(spec.vae))
     vae = {}
     for k, v in parts["vae"].items():
         name = rename(k, vae_back)
         vae[name] = v[:, :, 0, 0] if ".attentions." in name and v.ndim == 4 else v  # 1x1 conv -> linear
     unet_back = invert(unet_prefixes(spec.unet))
-    return {"text_encoder": {"text_model." + k: v for k, v in text.items()},
-            "unet": {rename(k, unet_back): v for k, v in parts["unet"].items()}, "vae": vae}
+    return {**out, "unet": {rename(k, unet_back): v for k, v in parts["unet"].items()}, "vae": vae}
+
+
+def _text_config(c, sdxl: bool) -> dict:
+    config = {"architectures": ["CLIPTextModelWithProjection" if c.projection else "CLIPTextModel"],
+              "model_type": "clip_text_model", "vocab_size": c.vocab_size, "hidden_size": c.width,
+              "num_hidden_layers": c.layers if sdxl else c.layers - c.skip_layers, "num_attention_heads": c.heads,
+              "intermediate_size": c.intermediate, "max_position_embeddings": c.max_len, "hidden_act": c.act,
+              "layer_norm_eps": c.eps, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1}
+    return {**config, "projection_dim": c.projection} if c.projection else config
 
 
 def diffusers_configs(spec: ModelSpec) -> dict[str, dict]:
@@ -87,28 +117,45 @@ def diffusers_configs(spec: ModelSpec) -> dict[str, dict]:
             "transformer_layers_per_block": u.transformer_depth, "num_class_embeds": u.num_classes,
             "only_cross_attention": list(u.cross_only) or False, "norm_num_groups": u.norm_groups,
             "flip_sin_to_cos": True, "freq_shift": 0}
+    sdxl = spec.family == "sdxl"
+    if sdxl:
+        unet.update({"addition_embed_type": "text_time", "addition_time_embed_dim": u.vector_embed_dim,
+                     "projection_class_embeddings_input_dim": u.adm_in_channels,
+                     "transformer_layers_per_block": [u.depth(i) for i in range(len(u.channel_mult))]})
     vae = {"_class_name": "AutoencoderKL", "in_channels": v.in_channels, "out_channels": v.in_channels,
            "block_out_channels": [v.ch * m for m in v.ch_mult], "down_block_types": ["DownEncoderBlock2D"] * len(v.ch_mult),
            "up_block_types": ["UpDecoderBlock2D"] * len(v.ch_mult), "layers_per_block": v.num_res_blocks,
            "latent_channels": v.z_channels, "norm_num_groups": v.norm_groups, "scaling_factor": v.scaling_factor,
            "sample_size": spec.native_size}
-    text = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": c.vocab_size,
-            "hidden_size": c.width, "num_hidden_layers": c.layers - c.skip_layers, "num_attention_heads": c.heads,
-            "intermediate_size": c.intermediate, "max_position_embeddings": c.max_len, "hidden_act": c.act,
-            "layer_norm_eps": c.eps, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1}
-    sched = {"_class_name": "PNDMScheduler", "beta_start": s.beta_start, "beta_end": s.beta_end,
+    scheduler = "EulerDiscreteScheduler" if sdxl else "PNDMScheduler"  # what each family's folders ship with
+    sched = {"_class_name": scheduler, "beta_start": s.beta_start, "beta_end": s.beta_end,
              "beta_schedule": s.beta_schedule, "num_train_timesteps": s.num_train_timesteps, "clip_sample": False,
              "set_alpha_to_one": s.set_alpha_to_one, "skip_prk_steps": True, "steps_offset": s.steps_offset,
              "timestep_spacing": s.spacing, "trained_betas": None,
              "prediction_type": "v_prediction" if s.prediction == "v" else "epsilon"}
-    index = {"_class_name": PIPELINES[spec.variant], "requires_safety_checker": False,
-             "feature_extractor": [None, None], "safety_checker": [None, None], "scheduler": ["diffusers", "PNDMScheduler"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    index = {"_class_name": (SDXL_PIPELINES if sdxl else PIPELINES)[spec.variant],
+             "scheduler": ["diffusers", scheduler], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}
+    configs = {"unet/config.json": unet, "vae/config.json": vae, "scheduler/scheduler_config.json": sched}
+    for part, tokenizer, cfg in (("text_encoder", "tokenizer", c), ("text_encoder_2", "tokenizer_2", spec.clip2)):
+        if cfg is not None:
+            configs[f"{part}/config.json"] = _text_config(cfg, sdxl)
+        elif sdxl:
+            index[part] = index[tokenizer] = [None, None]
+            continue
+        else:
+            continue
+        index[part] = ["transformers", configs[f"{part}/config.json"]["architectures"][0]]
+        index[tokenizer] = ["transformers", "CLIPTokenizer"]
+    if sdxl:
+        index.update({"force_zeros_for_empty_prompt": spec.zero_empty_negatives,
+                      **({"requires_aesthetics_score": True} if spec.variant == "refiner" else {})})
+    else:
+        index.update({"requires_safety_checker": False, "feature_extractor": [None, None],
+                      "safety_checker": [None, None]})
     if spec.config_text:  # what the JSON configs cannot say (the sampling defaults), for stablediff; diffusers skips it
         index[FOLDER_CONFIG_KEY] = spec.config_text
-    return {"unet/config.json": unet, "vae/config.json": vae, "text_encoder/config.json": text,
-            "scheduler/scheduler_config.json": sched, "model_index.json": index}
+    return {**configs, "model_index.json": index}
 
 
 def write_diffusers(spec: ModelSpec, parts: dict, out: Path) -> None:
@@ -117,25 +164,29 @@ def write_diffusers(spec: ModelSpec, parts: dict, out: Path) -> None:
         for name, config in diffusers_configs(spec).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        files = {"text_encoder": "model.safetensors", "unet": "diffusion_pytorch_model.safetensors",
-                 "vae": "diffusion_pytorch_model.safetensors"}
         for part, sd in _to_diffusers_names(parts, spec).items():
-            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / part / files[part]))
-        tok = tmp / "tokenizer"
-        tok.mkdir()
-        tables = spec.tokenizer_tables or default_tables()
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copyfile(tables / name, tok / name)
-        special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                   "pad_token": spec.pad_token}
-        (tok / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
-        (tok / "tokenizer_config.json").write_text(json.dumps(
-            {**special, "model_max_length": spec.clip.max_len, "tokenizer_class": "CLIPTokenizer"}, indent=2), encoding="utf-8")
+            name = "model.safetensors" if part.startswith("text_encoder") else "diffusion_pytorch_model.safetensors"
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / part / name))
+        for folder, cfg, tables, pad in (("tokenizer", spec.clip, spec.tokenizer_tables, spec.pad_token),
+                                         ("tokenizer_2", spec.clip2, spec.tokenizer2_tables, spec.pad_token_2)):
+            if cfg is not None:
+                _write_tokenizer(tmp / folder, tables or default_tables(), pad, cfg.max_len)
         os.chmod(tmp, default_mode(folder=True))
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_tokenizer(tok: Path, tables: Path, pad: str, max_len: int) -> None:
+    tok.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(tables / name, tok / name)
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": pad}
+    (tok / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+    (tok / "tokenizer_config.json").write_text(json.dumps(
+        {**special, "model_max_length": max_len, "tokenizer_class": "CLIPTokenizer"}, indent=2), encoding="utf-8")
 
 
 def write_file(sd: dict[str, torch.Tensor], out: Path, fmt: str, config_text: str | None = None) -> None:
@@ -176,7 +227,7 @@ def describe(spec: ModelSpec) -> dict:
     for part, (sd, _) in spec.weights.items():
         dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in sd.values() if v.is_floating_point()})
         parts[part] = {"parameters": sum(v.numel() for v in sd.values()), "dtype": "/".join(dtypes)}
-    return {"family": {"sd1": "SD 1.x", "sd2": "SD 2.x"}[spec.family], "variant": spec.variant,
+    return {"family": {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}[spec.family], "variant": spec.variant,
             "prediction": spec.schedule.prediction if spec.prediction_known else "unknown (probed at load)",
             "unet input channels": spec.unet.in_channels, "native size": spec.native_size,
             "ema": {None: "no EMA weights", True: "EMA weights used", False: "raw weights used (EMA present)"}[spec.ema],

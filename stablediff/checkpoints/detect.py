@@ -5,7 +5,7 @@ input channels to the kind of SD model. Configs are read off the shapes; what sh
 prediction type) follows the family.
 """
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from stablediff.errors import UserError
 from stablediff.models.clip_text import ClipTextConfig
@@ -18,8 +18,9 @@ CLIP_HF = "cond_stage_model.transformer."
 CLIP_OPEN = "cond_stage_model.model."
 
 # (what the file looks like, a test on its key names); first match wins
+SDXL_TEXT = "conditioner.embedders."  # Stability's SDXL files: embedders.0 CLIP ViT-L (HF names), .1 bigG (OpenCLIP's)
+SDXL_CLIP_L = SDXL_TEXT + "0.transformer."
 FOREIGN = [
-    ("an SDXL model", lambda keys: any(k.startswith("conditioner.embedders.") for k in keys)),
     ("an SD3 model", lambda keys: any(".joint_blocks." in k for k in keys)),
     ("a Flux model", lambda keys: any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys)),
     ("a ControlNet", lambda keys: any(k.startswith("control_model.") or "input_hint_block" in k for k in keys)),
@@ -36,14 +37,16 @@ VARIANTS = {4: "base", 9: "inpainting", 5: "depth", 7: "upscaler"}
 
 @dataclass(frozen=True)
 class Detected:
-    family: str  # "sd1" or "sd2"
-    variant: str  # base, inpainting, depth, upscaler
+    family: str  # "sd1", "sd2" or "sdxl"
+    variant: str  # base, inpainting, depth, upscaler; SDXL: base, inpainting, refiner
     unet: UNetConfig
     vae: VAEConfig
-    clip: ClipTextConfig
-    clip_layout: str  # "hf" (SD 1.x) or "openclip" (SD 2.x)
+    clip: ClipTextConfig | None  # None: SDXL's refiner
+    clip_layout: str  # "hf" (SD 1.x) or "openclip" (SD 2.x); SDXL: "sdxl"
     prediction: str | None  # None: the weights do not say (SD 2.x base: 512 eps or 768 v)
     ema: bool  # the file carries model_ema.* weights
+    clip2: ClipTextConfig | None = None  # SDXL: bigG, with its pooled projection
+    clip2_prefix: str | None = None  # where bigG's OpenCLIP-named weights are
 
 
 def _indices(keys, prefix: str) -> list[int]:
@@ -51,15 +54,16 @@ def _indices(keys, prefix: str) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := pat.match(k))})
 
 
-def unet_from_shapes(shapes: dict[str, tuple], family: str, variant: str) -> UNetConfig:
-    """shapes: UNet key (without prefix) -> shape."""
+def unet_from_shapes(shapes: dict[str, tuple], family: str, variant: str, pooled: int | None = None) -> UNetConfig:
+    """shapes: UNet key (without prefix) -> shape. pooled (SDXL): the width of the pooled text in its vector."""
     mc, in_ch = shapes["input_blocks.0.0.weight"][:2]
-    levels, res_per_level, attention, cross_only = [], 0, [], []
+    levels, res_per_level, attention, cross_only, depths = [], 0, [], [], []
     context_dim, linear, depth = 768, False, 1
     count, level_mult, level_attn, level_cross = 0, None, False, False
     for i in _indices(shapes, "input_blocks.")[1:]:
         if f"input_blocks.{i}.0.op.weight" in shapes:  # a downsample closes the level
             levels.append(level_mult), attention.append(level_attn), cross_only.append(level_cross)
+            depths.append(depth if level_attn else 1)
             res_per_level = res_per_level or count
             count, level_attn, level_cross = 0, False, False
             continue
@@ -73,13 +77,22 @@ def unet_from_shapes(shapes: dict[str, tuple], family: str, variant: str) -> UNe
             depth = len(_indices(shapes, a + "transformer_blocks."))
             level_cross = shapes[a + "transformer_blocks.0.attn1.to_k.weight"][1] != shapes[a + "proj_in.weight"][0]
     levels.append(level_mult), attention.append(level_attn), cross_only.append(level_cross)
-    head_dim = {"sd1": None, "sd2": 64}[family] if variant != "upscaler" else 32
-    heads = tuple(8 if head_dim is None else mc * m // head_dim for m in levels)
+    depths.append(depth if level_attn else 1)
+    head_dim = {"sd1": None, "sd2": 64, "sdxl": 64}[family] if variant != "upscaler" else 32
+    heads = tuple(8 if head_dim is None else max(1, mc * m // head_dim) for m in levels)
+    adm = shapes["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in shapes else None
+    extra = {}
+    if adm is not None:  # SDXL: pooled text and 6 size numbers (the refiner: 5, with the aesthetic score)
+        extra = dict(adm_in_channels=adm, vector_embed_dim=(adm - pooled) // (5 if variant == "refiner" else 6))
+        extra["middle_depth"] = len(_indices(shapes, "middle_block.1.transformer_blocks."))
+        seen = next(d for d, a in zip(depths, attention) if a)  # levels without attention: any depth, one form
+        depths = [d if a else seen for d, a in zip(depths, attention)]
     return UNetConfig(in_channels=in_ch, out_channels=shapes["out.2.weight"][0], model_channels=mc,
                       channel_mult=tuple(levels), num_res_blocks=res_per_level or count,
-                      attention_levels=tuple(attention), heads=heads, transformer_depth=depth, context_dim=context_dim,
+                      attention_levels=tuple(attention), heads=heads,
+                      transformer_depth=tuple(depths) if family == "sdxl" else depth, context_dim=context_dim,
                       use_linear_proj=linear, num_classes=shapes["label_emb.weight"][0] if "label_emb.weight" in shapes else None,
-                      norm_groups=32, cross_only=tuple(cross_only))
+                      norm_groups=32, cross_only=tuple(cross_only), **extra)
 
 
 def vae_from_shapes(shapes: dict[str, tuple], scaling_factor: float = 0.18215) -> VAEConfig:
@@ -114,11 +127,13 @@ def detect(shapes: dict[str, tuple], what: str = "this file") -> Detected:
     keys = shapes.keys()
     for looks_like, test in FOREIGN:
         if test(keys):
-            raise UserError(f"{what} looks like {looks_like}, not a Stable Diffusion 1.x/2.x checkpoint")
+            raise UserError(f"{what} looks like {looks_like}, not a Stable Diffusion 1.x/2.x/XL checkpoint")
     unet = _part(shapes, UNET)
     if "input_blocks.0.0.weight" not in unet or not any(k.startswith(VAE) for k in keys):
         raise UserError(f"{what} is not a Stable Diffusion checkpoint: it lacks the {UNET}* and {VAE}* weights "
                         "of the original layout (a diffusers model is a folder with model_index.json)")
+    if any(k.startswith(SDXL_TEXT) for k in keys):
+        return _detect_sdxl(shapes, unet, what)
     layout = "openclip" if any(k.startswith(CLIP_OPEN) for k in keys) else "hf" if any(k.startswith(CLIP_HF) for k in keys) else None
     if layout is None:
         raise UserError(f"{what} has no text encoder (cond_stage_model.*): not a complete SD 1.x/2.x checkpoint")
@@ -134,3 +149,24 @@ def detect(shapes: dict[str, tuple], what: str = "this file") -> Detected:
                     vae=vae_from_shapes(_part(shapes, VAE), 0.08333 if variant == "upscaler" else 0.18215),
                     clip=clip_from_shapes(clip_shapes, layout), clip_layout=layout, prediction=prediction,
                     ema=any(k.startswith("model_ema.") for k in keys))
+
+
+def _detect_sdxl(shapes: dict[str, tuple], unet: dict[str, tuple], what: str) -> Detected:
+    """SDXL base or inpainting (CLIP ViT-L as embedders.0, bigG as embedders.1) or its refiner (bigG alone, as
+    embedders.0); both encoders read their penultimate layer without the final layer norm."""
+    clip_l = any(k.startswith(SDXL_CLIP_L) for k in shapes)
+    bigg = SDXL_TEXT + ("1" if clip_l else "0") + ".model."
+    if f"{bigg}token_embedding.weight" not in shapes:
+        raise UserError(f"{what}: an SDXL file without its OpenCLIP bigG text encoder ({bigg}*)")
+    if f"{bigg}text_projection" not in shapes:
+        raise UserError(f"{what}: the SDXL text encoder {bigg}* has no text_projection")
+    clip2 = replace(clip_from_shapes(_part(shapes, bigg), "openclip"), norm_states=False,
+                    projection=shapes[f"{bigg}text_projection"][1])
+    in_ch = unet["input_blocks.0.0.weight"][1]
+    variant = "refiner" if not clip_l else {4: "base", 9: "inpainting"}.get(in_ch)
+    if variant is None or "label_emb.0.0.weight" not in unet:
+        raise UserError(f"{what}: an SDXL UNet with {in_ch} input channels is no SDXL model we know (4 or 9)")
+    clip = replace(clip_from_shapes(_part(shapes, SDXL_CLIP_L), "hf"), skip_layers=1, norm_states=False) if clip_l else None
+    return Detected(family="sdxl", variant=variant, unet=unet_from_shapes(unet, "sdxl", variant, clip2.projection),
+                    vae=vae_from_shapes(_part(shapes, VAE), 0.13025), clip=clip, clip_layout="sdxl",
+                    prediction="epsilon", ema=False, clip2=clip2, clip2_prefix=bigg)

@@ -22,7 +22,8 @@ def unet_prefixes(cfg: UNetConfig) -> list[tuple[str, str, dict]]:
     """(diffusers prefix, our prefix, renames inside the block) for every module of the UNet."""
     r, levels = cfg.num_res_blocks, len(cfg.channel_mult)
     out = [("time_embedding.linear_1", "time_embed.0", {}), ("time_embedding.linear_2", "time_embed.2", {}),
-           ("class_embedding", "label_emb", {}), ("conv_in", "input_blocks.0.0", {}),
+           ("class_embedding", "label_emb", {}), ("add_embedding.linear_1", "label_emb.0.0", {}),
+           ("add_embedding.linear_2", "label_emb.0.2", {}), ("conv_in", "input_blocks.0.0", {}),
            ("conv_norm_out", "out.0", {}), ("conv_out", "out.2", {}),
            ("mid_block.resnets.0", "middle_block.0", UNET_RESNET), ("mid_block.attentions.0", "middle_block.1", {}),
            ("mid_block.resnets.1", "middle_block.2", UNET_RESNET)]
@@ -63,8 +64,10 @@ def vae_prefixes(cfg: VAEConfig) -> list[tuple[str, str, dict]]:
 
 
 def clip_prefixes() -> list[tuple[str, str, dict]]:
-    """transformers' CLIPTextModel, saved with or without the `text_model.` level."""
-    return [("text_model", "", {})] + [(n, n, {}) for n in ("embeddings", "encoder", "final_layer_norm")]
+    """transformers' CLIPTextModel (or CLIPTextModelWithProjection, SDXL's second), saved with or without the
+    `text_model.` level."""
+    return [("text_model", "", {})] + [(n, n, {}) for n in ("embeddings", "encoder", "final_layer_norm",
+                                                            "text_projection")]
 
 
 def rename(key: str, prefixes: list[tuple[str, str, dict]]) -> str | None:

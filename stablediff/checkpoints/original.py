@@ -26,7 +26,7 @@ PRESETS = ("v1-inference", "v1-inpainting-inference", "v2-inference", "v2-infere
 CONFIG_KEY = "stablediff.config"  # safetensors metadata: the model's original YAML config
 TEXT_CONFIG_KEYS = ("width", "layers", "heads", "intermediate", "max_len", "act")
 SPACINGS = ("leading", "trailing", "linspace")
-NATIVE = {("sd1", "epsilon"): 512, ("sd2", "epsilon"): 512, ("sd2", "v"): 768}
+NATIVE = {("sd1", "epsilon"): 512, ("sd2", "epsilon"): 512, ("sd2", "v"): 768, ("sdxl", "epsilon"): 1024}
 
 
 def preset_path(name: str) -> Path:
@@ -153,7 +153,8 @@ def read(path: Path, config: str | Path | None = None, use_ema: bool = True, pre
          unsafe_pickle: bool = False) -> ModelSpec:
     sd, metadata = read_weights(path, unsafe_pickle)
     found = rules.detect({k: tuple(v.shape) for k, v in sd.items()}, str(path))
-    text = find_config(path, config, metadata)
+    # an SDXL file's shapes say all there is (Stability's sgm YAMLs describe no more, in another layout)
+    text = None if found.family == "sdxl" else find_config(path, config, metadata)
     native, sampling = None, {}
     if text is not None:
         params = parse_yaml(text, str(config or path))
@@ -168,15 +169,22 @@ def read(path: Path, config: str | Path | None = None, use_ema: bool = True, pre
     unet = _strip(sd, rules.UNET)
     ema = {k: sd.get(ema_key(k)) for k in unet}
     use_ema = use_ema and found.ema and all(v is not None for v in ema.values())
-    if found.clip_layout == "openclip":
-        clip = (openclip_to_hf(_strip(sd, rules.CLIP_OPEN), found.clip.layers), [])
+    weights = {"unet": (ema if use_ema else unet, []),
+               "vae": ({k: v for k, v in _strip(sd, rules.VAE).items() if not k.startswith("loss.")}, [])}
+    if found.clip_layout == "sdxl":
+        bigg = _strip(sd, found.clip2_prefix)
+        weights["text_encoder_2"] = ({**openclip_to_hf(bigg, found.clip2.layers),
+                                      "text_projection.weight": bigg["text_projection"].t().contiguous()}, [])
+        if found.clip is not None:
+            weights["text_encoder"] = (_strip(sd, rules.SDXL_CLIP_L), clip_prefixes())
+    elif found.clip_layout == "openclip":
+        weights["text_encoder"] = (openclip_to_hf(_strip(sd, rules.CLIP_OPEN), found.clip.layers), [])
     else:
-        clip = (_strip(sd, rules.CLIP_HF), clip_prefixes())
-    return ModelSpec(unet=found.unet, vae=found.vae, clip=found.clip, schedule=schedule,
-                     weights={"text_encoder": clip, "unet": (ema if use_ema else unet, []),
-                              "vae": ({k: v for k, v in _strip(sd, rules.VAE).items() if not k.startswith("loss.")}, [])},
+        weights["text_encoder"] = (_strip(sd, rules.CLIP_HF), clip_prefixes())
+    return ModelSpec(unet=found.unet, vae=found.vae, clip=found.clip, schedule=schedule, weights=weights,
                      name=path.stem, native_size=native or NATIVE.get((found.family, prediction), 512),
                      pad_token="!" if found.family == "sd2" else "<|endoftext|>", family=found.family,
+                     clip2=found.clip2, zero_empty_negatives=found.variant != "refiner",
                      variant=found.variant, prediction_known=prediction is not None,
                      ema=use_ema if found.ema else None,
                      low_res_schedule=train_schedule(0.0001, 0.02) if found.variant == "upscaler" else None,

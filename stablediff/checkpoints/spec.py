@@ -8,14 +8,14 @@ from stablediff.models.tokenizer import EOS
 from stablediff.models.unet import UNetConfig
 from stablediff.models.vae import VAEConfig
 
-PARTS = ("text_encoder", "unet", "vae")
+PARTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 
 
 @dataclass
 class ModelSpec:
     unet: UNetConfig
     vae: VAEConfig
-    clip: ClipTextConfig
+    clip: ClipTextConfig | None  # None: SDXL's refiner, which has only the second text encoder
     schedule: TrainSchedule
     # part -> (state dict, key map into our names; [] when the names are ours already)
     weights: dict[str, tuple[dict, list]] = field(default_factory=dict)
@@ -30,3 +30,11 @@ class ModelSpec:
     low_res_schedule: TrainSchedule | None = None  # x4 upscaler: how its low-res input is noised
     config_text: str | None = None  # the original YAML config used, carried into files written from this spec
     sampling: dict = field(default_factory=dict)  # the model's own defaults: sampler, scale (from its YAML)
+    clip2: ClipTextConfig | None = None  # SDXL: OpenCLIP ViT-bigG/14, with its pooled projection
+    pad_token_2: str = "!"
+    tokenizer2_tables: Path | None = None
+    zero_empty_negatives: bool = True  # SDXL: all-empty negative prompts are zeros (not for its refiner)
+
+    def config_of(self, part: str):
+        """The config of a part (text_encoder, text_encoder_2, unet, vae), None where the model has none."""
+        return {"text_encoder": self.clip, "text_encoder_2": self.clip2, "unet": self.unet, "vae": self.vae}[part]

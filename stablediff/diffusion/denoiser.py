@@ -42,6 +42,8 @@ class Denoiser:
         if cond.get("concat") is not None:  # inpainting/depth models: extra input channels, not scaled
             inp = torch.cat([inp, cond["concat"]], dim=1)
         rows = cond.get("rows")  # the x row of each context row, where latents are shared (UNet.forward)
+        if cond.get("vector") is not None:  # SDXL: one row per row of context
+            extra = {**extra, "vector": cond["vector"]}
         out = self.unet(inp.to(dtype), self.sigma_to_t(sigma), cond["context"].to(dtype), rows=rows, **extra).float()
         if rows is not None:
             x, s, c_in = x[rows], s[rows], c_in[rows]

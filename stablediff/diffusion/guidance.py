@@ -8,7 +8,8 @@ class CFGDenoiser:
     D = D_u + sum_j scale * w_j * (D_j - D_u), as the webui computes it.
 
     cond: {"context": text states (one row per image, or per prompt part), "uncond": negative-prompt states,
-    "parts": per image [(context row, weight), ...] or None, "concat": extra input channels, "extra": other inputs}.
+    "parts": per image [(context row, weight), ...] or None, "concat": extra input channels, "extra": other inputs,
+    and for SDXL "vector" and "uncond_vector", the rows of the UNet's added vector that go with context and uncond}.
     interval: (low, high), the sigmas at which guidance applies; at the others, scale 1: the prompt's prediction
     alone, one model call without the negative rows (Kynkaanniemi et al. 2024, "Applying guidance in a limited
     interval improves sample and distribution quality in diffusion models"). None: every sigma.
@@ -32,6 +33,8 @@ class CFGDenoiser:
         # one batch: each latent once, with its rows of text (the model runs what comes before the text once)
         both = {"context": torch.cat([cond["uncond"], cond["context"][rows]]), "rows": index,
                 "concat": cond.get("concat"), "extra": cond.get("extra", {})}
+        if cond.get("vector") is not None:  # SDXL: pooled text and size conditioning, one row per text row
+            both["vector"] = torch.cat([cond["uncond_vector"], cond["vector"][rows]])
         out = self.inner(x, sigma, both)
         uncond, text = out[:n], out[n:]
         if len(text) == n and all(p[0][1] == 1.0 for p in parts):

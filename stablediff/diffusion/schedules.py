@@ -49,6 +49,16 @@ def discrete_timesteps(steps: int, spacing: str, n_train: int = 1000, offset: in
     raise ValueError(f"unknown timestep spacing {spacing!r}")
 
 
+def lcm_timesteps(steps: int, n_train: int = 1000, original_steps: int = 50) -> np.ndarray:
+    """Descending timesteps of diffusers' LCMScheduler: `steps` of the `original_steps` skipping timesteps LCM was
+    distilled on (19, 39, ..., 999 for 1000 and 50), evenly spaced from the top."""
+    skipping = np.arange(1, original_steps + 1) * (n_train // original_steps) - 1
+    if steps > original_steps:
+        raise ValueError(f"LCM takes at most {original_steps} steps")
+    picks = np.floor(np.linspace(0, original_steps, steps, endpoint=False)).astype(np.int64)
+    return skipping[::-1][picks].astype(np.float64)
+
+
 def sigmas_at(timesteps: np.ndarray, model_sigmas: torch.Tensor) -> torch.Tensor:
     """Model sigmas linearly interpolated at (possibly fractional) timesteps."""
     s = model_sigmas.numpy()
@@ -101,6 +111,8 @@ def inference_sigmas(sched: TrainSchedule, steps: int, schedule: str = "default"
         sigmas = log_sigmas_at(webui_timesteps(steps, schedule, n), model_sigmas)
     elif schedule in ("simple", "ddim"):
         sigmas = sigmas_at(webui_timesteps(steps, schedule, n), model_sigmas)
+    elif schedule == "lcm":
+        sigmas = sigmas_at(lcm_timesteps(steps, n), model_sigmas)
     else:
         spacing = sched.spacing if schedule == "default" else schedule
         offset = sched.steps_offset if spacing == "leading" else 0

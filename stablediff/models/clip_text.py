@@ -1,4 +1,5 @@
-"""The CLIP text transformer (ViT-L/14 for SD 1.x, OpenCLIP ViT-H/14 for SD 2.x), with HF CLIP's names."""
+"""The CLIP text transformer (ViT-L/14 for SD 1.x, OpenCLIP ViT-H/14 for SD 2.x, both ViT-L/14 and OpenCLIP
+ViT-bigG/14 for SDXL), with HF CLIP's names."""
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +21,15 @@ class ClipTextConfig:
     act: str = "quick_gelu"  # OpenCLIP ViT-H uses "gelu"
     skip_layers: int = 0  # SD 2.x single files: 1 (the penultimate layer's states feed the UNet)
     eps: float = 1e-5
+    norm_states: bool = True  # SDXL: False, the states of its layer as they are, without the final layer norm
+    projection: int | None = None  # SDXL's bigG: the pooled output's projection (text_projection), this wide
 
 
 SD1_CLIP = ClipTextConfig()
 SD2_CLIP = ClipTextConfig(width=1024, layers=24, heads=16, intermediate=4096, act="gelu", skip_layers=1)
+SDXL_CLIP_L = ClipTextConfig(skip_layers=1, norm_states=False)
+SDXL_CLIP_G = ClipTextConfig(width=1280, layers=32, heads=20, intermediate=5120, act="gelu", skip_layers=1,
+                             norm_states=False, projection=1280)
 
 _ACTS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
 
@@ -83,8 +89,10 @@ class ClipEncoder(nn.Module):
 
 
 class ClipTextModel(nn.Module):
-    """(B, 77) token ids -> (B, 77, width) states, taken `skip` layers before the last, then layer-normed.
-    `tokens` (B, 77, width) replaces the token embeddings (textual inversion vectors written in)."""
+    """(B, 77) token ids -> (B, 77, width) states, taken `skip` layers before the last, then layer-normed (unless
+    the config says not: SDXL). `tokens` (B, 77, width) replaces the token embeddings (textual inversion vectors
+    written in). With `pooled` (a model with a projection), also (B, projection): the last layer's layer-normed
+    state at each row's first end token, projected, as CLIPTextModelWithProjection's text_embeds."""
 
     def __init__(self, cfg: ClipTextConfig):
         super().__init__()
@@ -92,10 +100,20 @@ class ClipTextModel(nn.Module):
         self.embeddings = ClipEmbeddings(cfg)
         self.encoder = ClipEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        if cfg.projection is not None:
+            self.text_projection = Linear(cfg.width, cfg.projection, bias=False)
 
-    def forward(self, ids: torch.Tensor, skip: int | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, skip: int | None = None, tokens: torch.Tensor | None = None,
+                pooled: bool = False):
         skip = self.config.skip_layers if skip is None else skip
         x = self.embeddings(ids, tokens)
-        for layer in self.encoder.layers[: len(self.encoder.layers) - skip]:
+        stop = len(self.encoder.layers) - skip
+        for layer in self.encoder.layers[:stop]:
             x = layer(x)
-        return self.final_layer_norm(x)
+        states = self.final_layer_norm(x) if self.config.norm_states else x
+        if not pooled:
+            return states
+        for layer in self.encoder.layers[stop:]:
+            x = layer(x)
+        last = self.final_layer_norm(x)[torch.arange(len(ids), device=ids.device), ids.argmax(dim=-1)]
+        return states, self.text_projection(last)

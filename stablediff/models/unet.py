@@ -1,4 +1,5 @@
-"""The Stable Diffusion UNet, with CompVis' attribute names so original checkpoints load without renaming."""
+"""The Stable Diffusion UNet (1.x, 2.x and SDXL), with CompVis' and Stability's attribute names so original
+checkpoints load without renaming."""
 from dataclasses import dataclass
 
 import torch
@@ -18,22 +19,44 @@ class UNetConfig:
     num_res_blocks: int = 2
     attention_levels: tuple[bool, ...] = (True, True, True, False)
     heads: tuple[int, ...] = (8, 8, 8, 8)  # attention heads per level; the middle block uses the last
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1  # per level (SDXL: 0, 2, 10); the middle block uses the last
     context_dim: int = 768
     use_linear_proj: bool = False  # SD 2.x: linear proj_in/out instead of 1x1 convs
     upcast_attention: bool = False
     num_classes: int | None = None  # x4 upscaler: noise level as a class embedding
     norm_groups: int = 32
     cross_only: tuple[bool, ...] = ()  # per level: attn1 attends to the context too (the upscaler's first levels)
+    # SDXL: the width of the vector added to the time embedding (pooled text and size conditioning, each size number
+    # as a `vector_embed_dim`-wide sinusoid); None for SD 1.x/2.x
+    adm_in_channels: int | None = None
+    vector_embed_dim: int = 256
+    middle_depth: int | None = None  # the middle block's transformer depth where not the last level's
 
     def __post_init__(self):
         # one form for equal configs: only levels that have attention can be cross-only; () when none is
         cross = tuple(bool(c) and a for c, a in zip(self.cross_only, self.attention_levels))
         object.__setattr__(self, "cross_only", cross if any(cross) else ())
+        depth = self.transformer_depth
+        if not isinstance(depth, int):  # one form: an int where every level has the same depth
+            depth = tuple(depth)
+            object.__setattr__(self, "transformer_depth", depth[0] if len(set(depth)) == 1 else depth)
+        if self.middle_depth == self.depth(len(self.channel_mult) - 1):
+            object.__setattr__(self, "middle_depth", None)
+
+    def depth(self, level: int) -> int:
+        """Transformer blocks per attention layer of a level (-1: the middle block's)."""
+        d = self.transformer_depth
+        if level == -1 and self.middle_depth is not None:
+            return self.middle_depth
+        return d if isinstance(d, int) else d[level]
 
 
 SD1_UNET = UNetConfig()
 SD2_UNET = UNetConfig(heads=(5, 10, 20, 20), context_dim=1024, use_linear_proj=True)
+SDXL_UNET = UNetConfig(channel_mult=(1, 2, 4), attention_levels=(False, True, True), heads=(5, 10, 20),
+                       transformer_depth=(1, 2, 10), context_dim=2048, use_linear_proj=True, adm_in_channels=2816)
+SDXL_REFINER_UNET = UNetConfig(model_channels=384, attention_levels=(False, True, True, False), heads=(6, 12, 24, 24),
+                               transformer_depth=4, context_dim=1280, use_linear_proj=True, adm_in_channels=2560)
 
 
 class ResBlock(nn.Module):
@@ -151,12 +174,15 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
         if cfg.num_classes is not None:
             self.label_emb = embedding(cfg.num_classes, emb_dim)
+        elif cfg.adm_in_channels is not None:  # Stability's names: label_emb.0.0 and label_emb.0.2
+            self.label_emb = nn.Sequential(nn.Sequential(Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(),
+                                                         Linear(emb_dim, emb_dim)))
 
         def attn(ch, level):
             if not cfg.attention_levels[level]:
                 return []
             cross = bool(cfg.cross_only) and cfg.cross_only[level]
-            return [SpatialTransformer(ch, cfg.heads[level], cfg.transformer_depth, cfg, cross)]
+            return [SpatialTransformer(ch, cfg.heads[level], cfg.depth(level), cfg, cross)]
 
         self.input_blocks = nn.ModuleList([nn.Sequential(Conv3x3(cfg.in_channels, mc))])
         skips, ch = [mc], mc
@@ -172,7 +198,7 @@ class UNet(nn.Module):
 
         self.middle_block = nn.Sequential(
             ResBlock(ch, ch, emb_dim, groups),
-            SpatialTransformer(ch, cfg.heads[-1], cfg.transformer_depth, cfg),
+            SpatialTransformer(ch, cfg.heads[-1], cfg.depth(-1), cfg),
             ResBlock(ch, ch, emb_dim, groups),
         )
 
@@ -188,15 +214,22 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(group_norm(ch, groups=groups), nn.SiLU(), Conv3x3(ch, cfg.out_channels))
 
-    def forward(self, x, t, context, y=None, rows=None):
+    def forward(self, x, t, context, y=None, rows=None, vector=None):
         """rows, where given: for each row of context, the row of x (and of t and y) that it conditions, as in
         guidance, where one latent goes with both the prompt and the negative prompt. Everything before the first
         layer that reads the context (the first ResBlock and self-attention of SD) then runs once per latent, not
-        once per row; the result has one row per row of context."""
+        once per row; the result has one row per row of context. vector (SDXL): one row per row of context, the
+        pooled text and size conditioning (see `size_vector`)."""
+        if vector is not None and rows is not None:  # the vector differs per row from the first layer on
+            x, t, rows = x[rows], t.expand(x.shape[0])[rows], None
         emb = timestep_embedding(t.expand(x.shape[0]), self.config.model_channels).to(x.dtype)
         emb = self.time_embed(emb)
         if self.config.num_classes is not None:
             emb = emb + self.label_emb(y)
+        elif self.config.adm_in_channels is not None:
+            if vector is None:
+                raise ValueError("an SDXL UNet needs its vector (pooled text and size conditioning)")
+            emb = emb + self.label_emb(vector.to(emb.dtype))
         h, skips = x, []
         for block in [*self.input_blocks, self.middle_block]:
             h, emb, left = _run_block(block, h, emb, context, rows)
@@ -210,3 +243,9 @@ class UNet(nn.Module):
             size = skips[-1].shape[-2:] if skips else None
             h = _run_block(block, h, emb, context, upsample_size=size)[0]
         return self.out(h)
+
+
+def size_vector(numbers: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """SDXL's size conditioning, (B, n) numbers (original height and width, crop top and left, then target height
+    and width, or the refiner's aesthetic score) -> (B, n * dim): each number a sinusoid as timesteps are."""
+    return timestep_embedding(numbers.flatten().float(), dim).reshape(len(numbers), -1)

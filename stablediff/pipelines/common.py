@@ -16,7 +16,8 @@ from stablediff.diffusion.samplers import SAMPLERS, Sampler
 from stablediff.diffusion.schedules import inference_sigmas
 from stablediff.errors import UserError
 from stablediff.names import A1111_SCHEDULES, SCHEDULE_LABELS, parse_sampler
-from stablediff.pipelines.conditioning import TextConditioning, encode_conditioning
+from stablediff.pipelines.conditioning import (TextConditioning, add_size_conditioning, encode_conditioning, size_numbers,
+                                               text_encoders)
 from stablediff.pipelines.infotext import Params, named_hashes
 
 
@@ -103,9 +104,18 @@ def _adapters(model, prompts: list[str]) -> tuple[list[str], dict]:
     if model.lora_merger.active:
         info["Lora hashes"] = named_hashes((u.name, model.lora_merger.hashes[u]) for u in model.lora_merger.active)
     clean = [p for p, _ in taken]
-    if model.embeddings is not None and (used := model.embeddings.hashes(model.tokenizer, clean)):
+    if model.embeddings is not None and (used := model.embeddings.hashes(text_encoders(model)[0][1], clean)):
         info["TI hashes"] = named_hashes(used.items())
     return clean, info
+
+
+def condition(model, prompts: list[str], negatives: list[str], steps: int, width: int, height: int, clip_skip: int = 1,
+              first_pass: int | None = None) -> TextConditioning:
+    """The batch's text conditioning over `steps`, with SDXL's size conditioning for a width x height render."""
+    texts = encode_conditioning(model, prompts, negatives, steps, clip_skip, first_pass)
+    if model.unet.config.adm_in_channels is not None:
+        add_size_conditioning(texts, model.unet.config, *size_numbers(model, width, height))
+    return texts
 
 
 def prepare(model, prompts: list[str], negatives: list[str], seeds: list[int], *, steps: int, sampler: str,
@@ -117,7 +127,8 @@ def prepare(model, prompts: list[str], negatives: list[str], seeds: list[int], *
     (a hires fix's second pass)."""
     check_size(width, height)
     checks.check_pixels(width, height, model.max_pixels, "--max-pixels (max_pixels in Python)")
-    usable = model.text_encoder.config.layers - model.text_encoder.config.skip_layers
+    encoder = text_encoders(model)[0][0]
+    usable = encoder.config.layers - encoder.config.skip_layers
     if not 1 <= clip_skip <= usable:
         raise UserError(f"clip skip {clip_skip} is not possible: 1 is the last layer, and this text encoder has "
                         f"{usable} to choose from")
@@ -127,9 +138,13 @@ def prepare(model, prompts: list[str], negatives: list[str], seeds: list[int], *
         raise UserError(f"variation strength {subseed_strength} is outside 0..1")
     key, schedule = parse_sampler(sampler, schedule)
     spec = SAMPLERS[key]
+    if schedule == "default" and spec.schedule is not None:
+        schedule = spec.schedule
+    if schedule == "lcm" and steps > 50:
+        raise UserError(f"the LCM schedule has at most 50 steps, those LCM models were distilled on (got {steps})")
     clean, info = _adapters(model, prompts)
     text_steps, first_pass = prompt_steps or (steps, None)
-    texts = encode_conditioning(model, clean, negatives, text_steps, clip_skip, first_pass)
+    texts = condition(model, clean, negatives, text_steps, width, height, clip_skip, first_pass)
     f = model.vae_scale
     noise = noise_source(generators(seeds), (4, height // f, width // f), model.device)
     variation = None

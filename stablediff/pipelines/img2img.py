@@ -10,6 +10,7 @@ from stablediff.diffusion.guidance import MaskedDenoiser
 from stablediff.errors import UserError
 from stablediff.pipelines import common
 from stablediff.pipelines.depth import depth_condition
+from stablediff.pipelines.refiner import Refiner, infotext, sample
 
 FILLS = ("original", "fill", "latent-noise", "latent-nothing")
 EMPTY_MASK = "the mask is empty: paint white where the image should change (or pass --invert-mask)"
@@ -23,18 +24,25 @@ def _needs_channels(model, channels: tuple[int, ...], what: str) -> None:
 
 def img2img(model, images: list[Image.Image], prompts: list[str], negatives: list[str], seeds: list[int], *,
             strength: float, width: int, height: int, resize_mode: str = "just-resize", callback: Callable | None = None,
-            depths: list[torch.Tensor] | None = None, **sampling) -> list[Image.Image]:
-    """Each image re-rendered under its prompt: the last int(steps * strength) steps from the image's latents.
+            depths: list[torch.Tensor] | None = None, refiner: Refiner | None = None,
+            **sampling) -> list[Image.Image]:
+    """Each image re-rendered under its prompt: the last int(steps * strength) steps from the image's latents
+    (refiner: another model runs the steps after its switch).
     With `depths` (a depth model, 5 channels) the UNet also sees each depth map, normalised, at latent size."""
     _needs_channels(model, (5,) if depths is not None else (4,), "depth2img" if depths is not None else "img2img")
+    if refiner is not None:
+        refiner.check()
     job = common.prepare(model, prompts, negatives, seeds, width=width, height=height, **sampling)
     if depths is not None:
         job.cond["concat"] = depth_condition(depths, (height // model.vae_scale, width // model.vae_scale), model.device)
     sigmas = common.strength_sigmas(job.sigmas, job.steps, strength)
     pixels = common.to_pixels([common.fit(im, width, height, resize_mode) for im in images], model.device)
     x0 = common.encode_image(model, pixels, job.noise)
-    latents = x0 if len(sigmas) < 2 else common.sample(model, job, x0 + job.start_noise() * sigmas[0], sigmas, callback=callback)
-    return common.annotate(model, job, common.decode(model, latents), {"Denoising strength": f"{strength:g}"})
+    latents, finisher = x0, model
+    if len(sigmas) >= 2:
+        latents, finisher = sample(model, job, x0 + job.start_noise() * sigmas[0], sigmas, refiner, callback=callback)
+    return common.annotate(model, job, common.decode(finisher, latents),
+                           {"Denoising strength": f"{strength:g}", **infotext(refiner)})
 
 
 def _mask_tensor(masks: list[Image.Image], device) -> torch.Tensor:

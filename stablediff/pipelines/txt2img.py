@@ -7,23 +7,30 @@ from PIL import Image
 from stablediff.errors import UserError
 from stablediff.pipelines import common
 from stablediff.pipelines.hires import UPSCALERS, Hires
+from stablediff.pipelines.refiner import Refiner, infotext, sample
 
 
 def txt2img(model, prompts: list[str], negative_prompts: list[str], seeds: list[int], *, steps: int, sampler: str,
             schedule: str | None, scale: float, eta: float | None, width: int, height: int, clip_skip: int = 1,
-            hires: Hires | None = None, callback: Callable | None = None, **variation) -> list[Image.Image]:
-    """One batch: image i from prompts[i], negative_prompts[i] and seeds[i]; PIL images carrying their parameters."""
+            hires: Hires | None = None, refiner: Refiner | None = None, callback: Callable | None = None,
+            **variation) -> list[Image.Image]:
+    """One batch: image i from prompts[i], negative_prompts[i] and seeds[i]; PIL images carrying their parameters.
+    refiner: another model finishes the last part of the schedule (SDXL's refiner)."""
     if model.unet.config.in_channels != 4:
         raise UserError(f"this model's UNet takes {model.unet.config.in_channels} input channels (an inpainting, depth or "
                         "upscaler model); txt2img needs an ordinary 4-channel model")
     if hires is not None:
         hires.check()
+    if refiner is not None:
+        refiner.check()
+        if hires is not None:
+            raise UserError("the refiner and the hires fix do not go together yet: use one of them")
     sampling = dict(sampler=sampler, schedule=schedule, scale=scale, eta=eta, clip_skip=clip_skip, **variation)
     job = common.prepare(model, prompts, negative_prompts, seeds, steps=steps, width=width, height=height, **sampling)
     x = job.start_noise() * (1 + job.sigmas[0] ** 2) ** 0.5  # the VP prior at the first sigma
-    latents = common.sample(model, job, x, callback=callback)
+    latents, finisher = sample(model, job, x, job.sigmas, refiner, callback=callback)
     if hires is None:
-        return common.annotate(model, job, common.decode(model, latents))
+        return common.annotate(model, job, common.decode(finisher, latents), infotext(refiner))
     latents, second = _second_pass(model, job, latents, hires, sampling, callback)
     extra = {"Denoising strength": f"{hires.denoise:g}", "Hires upscale": f"{hires.scale:g}",
              **({"Hires steps": hires.steps} if hires.steps else {}), "Hires upscaler": UPSCALERS[hires.upscaler]}

@@ -175,8 +175,9 @@ class Worker:
 
     def render(self, jobs) -> dict[str, list]:
         first = jobs[0].params
-        steps = tasks.sampling_steps(jobs[0].task, first)
-        return render(self.model(first["model"]), jobs, self.input,
+        model = self.model(first["model"])
+        steps = tasks.sampling_steps(jobs[0].task, {**first, "steps": first["steps"] or model.sampling["steps"]})
+        return render(model, jobs, self.input,
                       lambda owner_of, it, iterations, per_batch: self._callback(jobs, owner_of, steps, it, iterations,
                                                                                  per_batch))
 

@@ -257,6 +257,8 @@ def finetune(base: Path, images: Path, out: Path, work: Path, settings: Finetune
     # the frozen weights in the run's precision (as diffusers' training scripts keep them), trained ones in fp32
     frozen = "fp32" if settings.method == "dreambooth" else resolve_precision(settings.precision, device)
     model = StableDiffusion.load(base, device=device, dtype=frozen, **load_options)
+    if model.family == "sdxl":
+        raise UserError(f"{base} is an SDXL model; fine-tuning trains SD 1.x/2.x models for now")
     usable = model.text_encoder.config.layers - model.text_encoder.config.skip_layers
     if settings.clip_skip > usable:
         raise UserError(f"--clip-skip {settings.clip_skip}: this text encoder has {usable} layers to choose from")

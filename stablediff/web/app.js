@@ -14,7 +14,7 @@ const state = { tasks: {}, params: new Map(), models: [], lastSeed: null, watchi
 const image = new ImageInput($("canvas-box"), $("source-canvas"), $("mask-canvas"), { onChange: showImageSize });
 const QUEUE_SIZE = 100, HISTORY_SIZE = 12; // jobs read for the queue panel; jobs a history page shows
 const HIRES = ["hires_scale", "hires_steps", "hires_denoise", "hires_upscaler"];
-const EMPTY = { seed: "random", subseed: "random", eta: "the sampler's", hires_steps: "as steps", hires_scale: "e.g. 2" };
+const EMPTY = { steps: "the model's", seed: "random", subseed: "random", eta: "the sampler's", hires_steps: "as steps", hires_scale: "e.g. 2" };
 
 function el(tag, props = {}, ...children) {
   const node = Object.assign(document.createElement(tag), props);
