@@ -163,7 +163,8 @@ def make_sdxl_pipeline(in_channels: int = 4, refiner: bool = False):
     """A tiny SDXL of the real design: CLIP ViT-L-like and bigG-like text encoders (64-wide heads, as every real SDXL
     text tower and UNet attention layer: single files do not record head counts), a three-level UNet with per-level
     transformer depths and the pooled text + size "text_time" embedding; the refiner: the second encoder alone and
-    a vector with the aesthetic score."""
+    a vector with the aesthetic score. diffusers' invisible watermark is off: it stamps SDXL images 256 pixels wide or
+    more, and ours is opt-in (--watermark)."""
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
                            StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -199,10 +200,11 @@ def make_sdxl_pipeline(in_channels: int = 4, refiner: bool = False):
     if refiner:
         return StableDiffusionXLImg2ImgPipeline(vae=vae, text_encoder=None, text_encoder_2=text_2, tokenizer=None,
                                                 tokenizer_2=tok_2, unet=unet, scheduler=sched,
-                                                requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+                                                requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+                                                add_watermarker=False)
     cls = StableDiffusionXLInpaintPipeline if in_channels == 9 else StableDiffusionXLPipeline
     return cls(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok, tokenizer_2=tok_2, unet=unet,
-               scheduler=sched, force_zeros_for_empty_prompt=True)
+               scheduler=sched, force_zeros_for_empty_prompt=True, add_watermarker=False)
 
 
 @pytest.fixture(scope="session")

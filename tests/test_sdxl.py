@@ -224,7 +224,7 @@ def test_kohya_sdxl_lora_matches_diffusers_fuse_lora(tiny_sdxl, tmp_path):
             sd[f"{name}.alpha"] = torch.tensor(4.0)
     assert any(k.startswith("lora_te2_") for k in sd) and any("input_blocks" in k for k in sd)
     save_file(sd, str(tmp_path / "style.safetensors"))
-    pipe = StableDiffusionXLPipeline.from_pretrained(path)
+    pipe = StableDiffusionXLPipeline.from_pretrained(path, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     before = reference(pipe, "EulerDiscreteScheduler", LEADING, height=64, width=64)
     pipe.load_lora_weights(str(tmp_path / "style.safetensors"), adapter_name="style")
@@ -259,7 +259,7 @@ def test_sdxl_embedding_matches_diffusers_load_textual_inversion_on_both_encoder
     save_file(vectors, str(folder / "cat-toy.safetensors"))
     save_file({"emb_params": torch.randn(2, 64)}, str(folder / "sd1-toy.safetensors"))
     path, _ = tiny_sdxl
-    pipe = StableDiffusionXLPipeline.from_pretrained(path)
+    pipe = StableDiffusionXLPipeline.from_pretrained(path, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_textual_inversion(vectors["clip_l"], token="cat-toy", text_encoder=pipe.text_encoder,
                                 tokenizer=pipe.tokenizer)
@@ -389,3 +389,23 @@ def test_hires_fix_and_outpainting_run_on_sdxl_with_the_size_conditioning_of_eac
     wide = ours.outpaint(init_image(), "a cat", extend=(0, 32, 0, 0), steps=4, seed=1)[0]
     assert wide.size == (96, 64)
     assert np.array_equal(np.asarray(wide)[:, :48], np.asarray(init_image())[:, :48])
+
+
+def test_sharded_folders_load_and_a_shard_name_outside_the_folder_is_refused(sdxl, tmp_path):
+    """Full-size fp32 SDXL UNets are saved in shards (diffusers' max_shard_size): NAME.index.json and its files."""
+    import json
+
+    from stablediff.errors import UserError
+
+    ours, pipe = sdxl
+    pipe.save_pretrained(tmp_path / "sharded", max_shard_size="300KB")
+    index = tmp_path / "sharded" / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    assert index.is_file() and len(set(json.loads(index.read_text())["weight_map"].values())) > 1
+    model = StableDiffusion.load(tmp_path / "sharded", device="cpu", dtype="fp32")
+    run = lambda m: np.asarray(m.txt2img("a cat", steps=2, seed=1, width=64, height=64)[0])
+    assert np.array_equal(run(model), run(ours))
+    data = json.loads(index.read_text())
+    data["weight_map"] = {k: "../../../etc/passwd" for k in data["weight_map"]}
+    index.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="reaches outside"):
+        StableDiffusion.load(tmp_path / "sharded", device="cpu")

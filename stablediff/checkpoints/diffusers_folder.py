@@ -45,11 +45,35 @@ def parse_config(folder: Path, part: str, parse, name: str = "config.json"):
 
 
 def weights_file(folder: Path, part: str) -> Path:
+    """The part's weights file, or the index of its shards (NAME.index.json) where the weights are sharded."""
     for name in WEIGHT_NAMES:
         if (folder / part / name).is_file():
             return folder / part / name
-    raise UserError(f"{folder / part}: no weights (expected one of {', '.join(WEIGHT_NAMES)}; "
-                    "sharded or variant-only folders are not supported yet)")
+    for name in WEIGHT_NAMES:
+        if (folder / part / f"{name}.index.json").is_file():
+            return folder / part / f"{name}.index.json"
+    raise UserError(f"{folder / part}: no weights (expected one of {', '.join(WEIGHT_NAMES)}, or its .index.json "
+                    "with the shards; variant-only folders such as fp16-only ones are not supported yet)")
+
+
+def read_weights(folder: Path, part: str, unsafe_pickle: bool = False) -> dict:
+    """The part's state dict, from one file or from the shards its index names (each a file in the part's own
+    folder: a name that reaches elsewhere is refused)."""
+    from stablediff.checkpoints.io import read_state_dict
+
+    path = weights_file(folder, part)
+    if not path.name.endswith(".index.json"):
+        return read_state_dict(path, unsafe_pickle)
+    weight_map = parse_config(folder, part, lambda c: dict(c["weight_map"]), path.name)
+    shards = sorted(set(map(str, weight_map.values())))
+    if any(Path(name).name != name or name in ("", ".", "..") for name in shards):
+        raise UserError(f"{path}: a shard name reaches outside {folder / part}; refused")
+    sd = {}
+    for name in shards:
+        if not (folder / part / name).is_file():
+            raise UserError(f"{path} names the shard {name}, which is not in {folder / part}")
+        sd.update(read_state_dict(folder / part / name, unsafe_pickle))
+    return sd
 
 
 def _per_level(value, levels: int) -> tuple[int, ...]:
@@ -131,8 +155,6 @@ def _tables(path: Path, part: str) -> Path | None:
 def read(path: Path, unsafe_pickle: bool = False) -> ModelSpec:
     """The configs and weights of a diffusers-layout folder (SDXL: text_encoder_2/ and tokenizer_2/ too; its
     refiner has only those)."""
-    from stablediff.checkpoints.io import read_state_dict
-
     unet_json = read_config(path, "unet")
     unet = parse_config(path, "unet", unet_config)
     sdxl = unet.adm_in_channels is not None
@@ -163,5 +185,5 @@ def read(path: Path, unsafe_pickle: bool = False) -> ModelSpec:
     maps = {"text_encoder": clip_prefixes(), "text_encoder_2": clip_prefixes(), "unet": unet_prefixes(spec.unet),
             "vae": vae_prefixes(spec.vae)}
     maps = {part: m for part, m in maps.items() if spec.config_of(part) is not None}
-    spec.weights = {part: (read_state_dict(weights_file(path, part), unsafe_pickle), maps[part]) for part in maps}
+    spec.weights = {part: (read_weights(path, part, unsafe_pickle), maps[part]) for part in maps}
     return spec
