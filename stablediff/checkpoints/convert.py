@@ -138,13 +138,11 @@ def diffusers_configs(spec: ModelSpec) -> dict[str, dict]:
              "vae": ["diffusers", "AutoencoderKL"]}
     configs = {"unet/config.json": unet, "vae/config.json": vae, "scheduler/scheduler_config.json": sched}
     for part, tokenizer, cfg in (("text_encoder", "tokenizer", c), ("text_encoder_2", "tokenizer_2", spec.clip2)):
-        if cfg is not None:
-            configs[f"{part}/config.json"] = _text_config(cfg, sdxl)
-        elif sdxl:
-            index[part] = index[tokenizer] = [None, None]
+        if cfg is None:
+            if sdxl:  # the refiner's folder names its missing first encoder
+                index[part] = index[tokenizer] = [None, None]
             continue
-        else:
-            continue
+        configs[f"{part}/config.json"] = _text_config(cfg, sdxl)
         index[part] = ["transformers", configs[f"{part}/config.json"]["architectures"][0]]
         index[tokenizer] = ["transformers", "CLIPTokenizer"]
     if sdxl:

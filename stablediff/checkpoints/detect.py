@@ -85,8 +85,6 @@ def unet_from_shapes(shapes: dict[str, tuple], family: str, variant: str, pooled
     if adm is not None:  # SDXL: pooled text and 6 size numbers (the refiner: 5, with the aesthetic score)
         extra = dict(adm_in_channels=adm, vector_embed_dim=(adm - pooled) // (5 if variant == "refiner" else 6))
         extra["middle_depth"] = len(_indices(shapes, "middle_block.1.transformer_blocks."))
-        seen = next(d for d, a in zip(depths, attention) if a)  # levels without attention: any depth, one form
-        depths = [d if a else seen for d, a in zip(depths, attention)]
     return UNetConfig(in_channels=in_ch, out_channels=shapes["out.2.weight"][0], model_channels=mc,
                       channel_mult=tuple(levels), num_res_blocks=res_per_level or count,
                       attention_levels=tuple(attention), heads=heads,

@@ -37,9 +37,11 @@ class UNetConfig:
         cross = tuple(bool(c) and a for c, a in zip(self.cross_only, self.attention_levels))
         object.__setattr__(self, "cross_only", cross if any(cross) else ())
         depth = self.transformer_depth
-        if not isinstance(depth, int):  # one form: an int where every level has the same depth
-            depth = tuple(depth)
-            object.__setattr__(self, "transformer_depth", depth[0] if len(set(depth)) == 1 else depth)
+        if not isinstance(depth, int):  # one form: an int where every attention level has the same depth, else a
+            # tuple with 1 at the levels without attention (whose depth means nothing), as SDXL's (1, 2, 10)
+            used = {d for d, a in zip(depth, self.attention_levels) if a}
+            depth = used.pop() if len(used) == 1 else tuple(d if a else 1 for d, a in zip(depth, self.attention_levels))
+            object.__setattr__(self, "transformer_depth", depth)
         if self.middle_depth == self.depth(len(self.channel_mult) - 1):
             object.__setattr__(self, "middle_depth", None)
 

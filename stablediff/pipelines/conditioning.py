@@ -26,11 +26,12 @@ def encode_text(model, texts: list[str], clip_skip: int = 1) -> tuple[torch.Tens
     states, pooled = [], None
     with torch.no_grad():
         for encoder, tokenizer in pairs:
-            which = ("clip_g" if encoder.config.projection is not None else "clip_l") if sdxl else ""
+            projected = encoder.config.projection is not None
+            which = ("clip_g" if projected else "clip_l") if sdxl else ""
             vectors = library.for_texts(tokenizer, unique, encoder.config.width, which) if library else None
             out = prompt_syntax.encode(encoder, tokenizer, unique, model.device, 1 if sdxl else clip_skip, vectors,
-                                       pooled=encoder.config.projection is not None)
-            if isinstance(out, tuple):
+                                       pooled=projected)
+            if projected:
                 out, pooled = out
             states.append(out)
     index = torch.tensor([unique.index(t) for t in texts], device=states[0].device)
