@@ -639,6 +639,8 @@ def png_defaults(path: str, command: str) -> dict:
         out["hires_denoise" if command == "txt2img" else "strength"] = found["denoising_strength"]
     if "guidance_interval" in found:
         out["guidance_interval"] = list(found["guidance_interval"])
+    for key, value in found.get("size_conditioning", {}).items():  # back to the flags' W,H and LEFT,TOP
+        out[key] = f"{value[1]},{value[0]}" if isinstance(value, tuple) else value
     if command != "txt2img":  # their size comes from the init image unless given
         out.pop("W", None), out.pop("H", None)
     out["png_model"] = found.get("model")

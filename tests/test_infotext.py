@@ -128,3 +128,17 @@ def test_a_pasted_infotext_from_another_model_says_so(oddly_named, tmp_path, cap
     assert "was made with the model someone-elses" in capsys.readouterr().err
     made = Image.open(tmp_path / "o" / "samples" / "00000.png").info["parameters"]
     assert "Steps: 3, Sampler: Euler a, Schedule type: Uniform, CFG scale: 7, Seed: 5, Size: 64x64" in made
+
+
+def test_sdxl_size_conditioning_fields_read_back_as_the_model_takes_them():
+    from stablediff.pipelines.infotext import size_fields
+
+    given = {"original_size": (768, 1024), "target_size": (1024, 1024), "crop": (0, 64), "aesthetic_score": 6.5}
+    fields = size_fields(given)
+    assert fields == {"Original size": "1024x768", "Target size": "1024x1024", "Crop left": 64, "Crop top": 0,
+                      "Aesthetic score": "6.5"}
+    text = Params("x", "", 20, "Euler", "Automatic", 7.0, 1, 64, 64, "m", extra=fields).infotext()
+    assert settings(text)["size_conditioning"] == given
+    assert size_fields({}) == {} and "size_conditioning" not in settings("x\nSteps: 20, Seed: 1, Size: 64x64")
+    with pytest.raises(UserError, match="Original size is 'big'; expected WIDTHxHEIGHT"):
+        settings("x\nSteps: 20, Seed: 1, Original size: big")

@@ -320,8 +320,15 @@ def test_refiner_and_size_flags_on_the_command_line(tiny_sdxl, refiner_pair, tmp
     assert cli.main(args + ["--original-size", "128,96", "--crop", "8,0"]) == 0
     model.size_conditioning = {"original_size": (96, 128), "crop": (0, 8)}
     sized = model.txt2img("a photo of a cat", steps=6, sampler="euler", seed=3, width=64, height=64)
-    assert np.array_equal(np.asarray(Image.open(out / "samples" / "00001.png")), np.asarray(sized[0]))
+    got = Image.open(out / "samples" / "00001.png")
+    assert np.array_equal(np.asarray(got), np.asarray(sized[0]))
     assert not np.array_equal(np.asarray(sized[0]), np.asarray(expected[0]))
+    assert got.info["parameters"].endswith("Model: tiny-sdxl, Original size: 128x96, Crop left: 8, Crop top: 0")
+    assert "Original size" not in expected[0].info["parameters"]  # the defaults are not written
+    # --from-png sets the size flags again from those fields
+    assert cli.main(["txt2img", "--from-png", str(out / "samples" / "00001.png"), "--model", str(path),
+                     "--outdir", str(out), "--skip_grid"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out / "samples" / "00002.png")), np.asarray(sized[0]))
     for bad, message in [(["--refiner", str(refiner_dir), "--refiner-switch", "1.5"], "--refiner-switch must be"),
                          (["--refiner", str(tmp_path / "none")], "no such file or folder"),
                          (["--original-size", "big"], "--original-size big: give two whole numbers")]:

@@ -18,7 +18,7 @@ from stablediff.errors import UserError
 from stablediff.names import A1111_SCHEDULES, SCHEDULE_LABELS, parse_sampler
 from stablediff.pipelines.conditioning import (TextConditioning, add_size_conditioning, encode_conditioning, size_numbers,
                                                text_encoders)
-from stablediff.pipelines.infotext import Params, named_hashes
+from stablediff.pipelines.infotext import Params, named_hashes, size_fields
 
 
 def sampler_sigmas(denoiser: Denoiser, sched, sampler: Sampler, steps: int, schedule: str) -> torch.Tensor:
@@ -151,6 +151,8 @@ def prepare(model, prompts: list[str], negatives: list[str], seeds: list[int], *
     if subseed_strength > 0:
         variation = (checks.seeds(subseed, len(seeds), "variation seed")[0], subseed_strength)
         info.update({"Variation seed": variation[0], "Variation seed strength": f"{subseed_strength:g}"})
+    if model.unet.config.adm_in_channels is not None:
+        info.update(size_fields(model.size_conditioning))
     interval = model.sampling.get("guidance_interval")
     if interval is not None:
         info["Guidance interval"] = f"{interval[0]:g}-{interval[1]:g}"

@@ -47,6 +47,38 @@ class Params:
         return "\n".join(lines)
 
 
+# SDXL's size conditioning as the user set it (model.size_conditioning: sizes as (height, width), the crop as
+# (top, left)), in the words of the webui's options (sdxl_crop_left, sdxl_refiner_high_aesthetic_score, ...); the
+# webui writes none of them, as it has no per-image setting for them, so only values set away from the default are
+# written
+_SIZE_FIELDS = (("original_size", "Original size"), ("target_size", "Target size"))
+_SCORE_FIELDS = (("aesthetic_score", "Aesthetic score"), ("negative_aesthetic_score", "Negative aesthetic score"))
+
+
+def size_fields(given: dict) -> dict:
+    """The infotext fields of a model's size_conditioning (empty for the defaults)."""
+    out = {label: f"{given[key][1]}x{given[key][0]}" for key, label in _SIZE_FIELDS if given.get(key)}
+    if given.get("crop"):
+        out.update({"Crop left": given["crop"][1], "Crop top": given["crop"][0]})
+    out.update({label: f"{given[key]:g}" for key, label in _SCORE_FIELDS if given.get(key) is not None})
+    return out
+
+
+def _size_conditioning(fields: dict) -> dict:
+    """size_fields read back."""
+    out = {}
+    for key, label in _SIZE_FIELDS:
+        if label in fields:
+            if not (m := _SIZE.match(fields[label])):
+                raise UserError(f"the infotext's {label} is {fields[label]!r}; expected WIDTHxHEIGHT such as 1024x1024")
+            out[key] = int(m.group(2)), int(m.group(1))
+    if "Crop left" in fields or "Crop top" in fields:
+        out["crop"] = (_number(fields, "Crop top", int) if "Crop top" in fields else 0,
+                       _number(fields, "Crop left", int) if "Crop left" in fields else 0)
+    out.update({key: _number(fields, label) for key, label in _SCORE_FIELDS if label in fields})
+    return out
+
+
 def named_hashes(named) -> str:
     """`name: hash, name: hash` from (name, hash) pairs: the webui's "Lora hashes" and "TI hashes" (quoted on writing)."""
     return ", ".join(f"{name}: {h}" for name, h in named)
@@ -97,7 +129,8 @@ def settings(text: str) -> dict:
     """The generation settings an infotext records, under the Python API's names: prompt, negative_prompt, steps,
     sampler (our key), schedule (our key, by the webui's meaning of its names), scale, seed, width, height, and where
     present clip_skip, eta, subseed, subseed_strength, denoising_strength, hires_scale, hires_steps, hires_upscaler,
-    mask_blur, noise_level, guidance_interval, model, model_hash. Fields it does not know are left out."""
+    mask_blur, noise_level, guidance_interval, model, model_hash, and size_conditioning (SDXL's, as
+    model.size_conditioning takes it) where set. Fields it does not know are left out."""
     prompt, negative, fields = read_infotext(text)
     out = {"prompt": prompt, "negative_prompt": negative}
     if "Sampler" in fields:
@@ -122,6 +155,8 @@ def settings(text: str) -> dict:
         out["hires_upscaler"] = by_label[fields["Hires upscaler"]]
     if "Guidance interval" in fields:
         out["guidance_interval"] = _interval(fields["Guidance interval"])
+    if sizes := _size_conditioning(fields):
+        out["size_conditioning"] = sizes
     for key, name in (("Model", "model"), ("Model hash", "model_hash")):
         if key in fields:
             out[name] = fields[key]
