@@ -46,7 +46,7 @@ DEMO_MODEL = Path(str(resources.files("stablediff") / "data" / "demo" / "shapes-
 def _build(cls, cfg, sd, prefixes, what, dtype, device):
     with torch.device("meta"):  # no random init: every tensor comes from the file
         module = cls(cfg)
-    load_into(module, sd, prefixes, what, dtype, device, conv_layout=weight_layout(device, dtype))
+    load_into(module, sd, prefixes, what, dtype, device, conv_layout=weight_layout(device, dtype, what))
     return module.eval().requires_grad_(False)
 
 

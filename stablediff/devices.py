@@ -40,16 +40,28 @@ def resolve_dtype(precision: str | torch.dtype | None, device: torch.device) -> 
     return table[precision]
 
 
-def weight_layout(device: torch.device, dtype: torch.dtype) -> torch.memory_format:
-    """The memory format for convolution weights: channels-last where it measured faster, bf16 on the CPU, where
-    oneDNN's convolutions work in that layout and NCHW costs a reorder around each one (SD 1.5 at 512x512 on a
-    2-core AVX512-BF16 CPU: a guided UNet step 4.4 s against 5.2 s, a VAE decode 4.6 s against 7.1 s;
-    BENCHMARKS.md). Each convolution's output then follows its weight's layout. fp32 stays NCHW: the layout of our
-    Winograd convolutions, and on an AVX512 CPU, where channels-last sped the fp32 VAE decode up by a third,
-    oneDNN's channels-last fp32 convolutions were 2-7x less exact (a 128x128 decode 7.7e-4 from float64, against
-    1e-5 in NCHW). CUDA is left as it was. The loader converts each weight to its dtype and layout in one copy (SD
-    1.5 loaded in bf16: 1.5-1.6 s against 2.2-4.1 s with the layout changed afterwards)."""
-    return torch.channels_last if device.type == "cpu" and dtype == torch.bfloat16 else torch.contiguous_format
+def weight_layout(device: torch.device, dtype: torch.dtype, part: str = "unet") -> torch.memory_format:
+    """The memory format for a part's convolution weights: channels-last where it measured faster. Each convolution's
+    output then follows its weight's layout.
+    - bf16 on the CPU: oneDNN's convolutions work in that layout and NCHW costs a reorder around each one (SD 1.5 at
+      512x512 on a 2-core AVX512-BF16 CPU: a guided UNet step 4.4 s against 5.2 s, a VAE decode 4.6 s against
+      7.1 s; BENCHMARKS.md).
+    - the fp32 UNet on a CPU where Winograd's convolutions do not run (AVX512, see nn.winograd; elsewhere NCHW is
+      their layout): with its weights packed once (nn.packed), a guided SD 1.5 512x512 step took 4.15 s against
+      4.49 s unpacked and 4.78 s in NCHW (one process, in turn; its convolutions 1.82 s against 2.27 s in NCHW),
+      within 4e-6 of the NCHW result. The packed copies cost the conv weights' memory again (SD 1.5: 1.9 GiB in fp32,
+      0.9 GiB in bf16, where linear weights are packed too; BENCHMARKS.md). The fp32 VAE stays NCHW: there oneDNN's
+      channels-last fp32 convolutions were 2-7x less exact (a 128x128 decode 7.7e-4 from float64, against 1e-5).
+    CUDA is left as it was. The loader converts each weight to its dtype and layout in one copy (SD 1.5 loaded in
+    bf16: 1.5-1.6 s against 2.2-4.1 s with the layout changed afterwards)."""
+    from stablediff.nn import winograd
+
+    if device.type != "cpu":
+        return torch.contiguous_format
+    if dtype == torch.bfloat16 or (dtype == torch.float32 and part == "unet"
+                                   and torch.backends.cpu.get_cpu_capability() in winograd.SLOWER_ON):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def keep_freed_memory(device: torch.device, on: bool = True) -> bool:

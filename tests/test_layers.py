@@ -47,3 +47,61 @@ def test_geglu_fused_matches_its_definition(dtype, tol, bias):
                 ours = geglu(inp, proj)
             assert ours.dtype == dtype and ours.shape == exact.shape
             assert (ours.double() - exact).abs().max() <= bound * exact.abs().max(), grad
+
+
+@pytest.mark.parametrize("stride, padding, kernel", [(1, 1, 3), (2, 1, 3), (1, 0, 1)])
+def test_packed_conv_is_f_conv2d_and_follows_weight_and_shape_changes(stride, padding, kernel):
+    """nn.packed.Conv2d in CPU inference: bit for bit F.conv2d on channels-last bf16 tensors, and fp32's within
+    rounding; the packed copy is made again when the weight changes in place (a LoRA merged) or the input's shape
+    does; with gradients on, nn.Conv2d's own forward."""
+    from stablediff.nn.packed import Conv2d
+
+    if not layers.onednn_linear():
+        pytest.skip("needs torch with oneDNN")
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        conv = Conv2d(48, 40, kernel, stride=stride, padding=padding).to(dtype, memory_format=torch.channels_last)
+        for shape in ((2, 48, 16, 16), (1, 48, 12, 20)):
+            x = torch.randn(*shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                ours = conv(x)
+                expected = F.conv2d(x, conv.weight, conv.bias, stride, padding)
+                if dtype == torch.bfloat16:
+                    assert torch.equal(ours, expected)
+                else:
+                    assert (ours - expected).abs().max() <= 1e-5 * expected.abs().max()
+                assert conv.__dict__["_packed_weight"][1][1] == shape
+                conv.weight.mul_(0.5)  # in place, as a LoRA merge
+                assert torch.allclose(conv(x).float(), expected.float() * 0.5 + conv.bias.float()[:, None, None] * 0.5,
+                                      atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+                conv.weight.mul_(2.0)
+    x = torch.randn(1, 48, 8, 8, requires_grad=True)
+    conv = Conv2d(48, 40, 3, padding=1)
+    conv(x).sum().backward()
+    assert x.grad is not None and "_packed_weight" not in conv.__dict__
+
+
+def test_packed_bf16_linear_weights_are_kept_across_calls_and_follow_in_place_changes():
+    """layers.Linear and geglu in bf16 run on weights packed once (nn.packed.linear_weight): bit for bit the products
+    on the plain weights, packed again only when the weight changes in place (a LoRA merged)."""
+    if not layers.onednn_linear():
+        pytest.skip("needs torch with oneDNN")
+    g = torch.Generator().manual_seed(0)
+    lin = Linear(64, 96).to(torch.bfloat16)
+    x = torch.randn(2, 40, 64, generator=g).to(torch.bfloat16)
+    plain = torch.ops.mkldnn._linear_pointwise
+    with torch.no_grad():
+        assert torch.equal(lin(x), plain(x, lin.weight, lin.bias, "none", [], ""))
+        kept = lin.__dict__["_packed_weight"][2]
+        lin(x)
+        assert lin.__dict__["_packed_weight"][2] is kept
+        h, gate = lin.weight.chunk(2)
+        b, b_gate = lin.bias.chunk(2)
+        expected = plain.binary(x, plain(x, gate, b_gate, "gelu", [], "none"), h, b, "mul")
+        assert torch.equal(geglu(x, lin), expected)
+        halves = lin.__dict__["_packed_h"][2], lin.__dict__["_packed_gate"][2]
+        geglu(x, lin)
+        assert lin.__dict__["_packed_h"][2] is halves[0] and lin.__dict__["_packed_gate"][2] is halves[1]
+        lin.weight.mul_(0.5)
+        assert torch.equal(lin(x), plain(x, lin.weight, lin.bias, "none", [], ""))
+        assert lin.__dict__["_packed_weight"][2] is not kept

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from stablediff.nn.attention import CrossAttention
-from stablediff.nn.layers import Downsample, Linear, Upsample, embedding, geglu, group_norm, timestep_embedding
+from stablediff.nn.layers import Conv2d, Downsample, Linear, Upsample, embedding, geglu, group_norm, timestep_embedding
 from stablediff.nn.winograd import Conv3x3
 
 
@@ -69,7 +69,7 @@ class ResBlock(nn.Module):
         self.out_layers = nn.Sequential(
             group_norm(cout, groups=groups), nn.SiLU(), nn.Dropout(0.0), Conv3x3(cout, cout)
         )
-        self.skip_connection = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.skip_connection = Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x, emb):
         h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
@@ -121,7 +121,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.linear = cfg.use_linear_proj
         self.norm = group_norm(channels, eps=1e-6, groups=cfg.norm_groups)
-        proj = (lambda: Linear(channels, channels)) if self.linear else (lambda: nn.Conv2d(channels, channels, 1))
+        proj = (lambda: Linear(channels, channels)) if self.linear else (lambda: Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, heads, cfg.context_dim, cfg.upcast_attention, cross_only) for _ in range(depth)

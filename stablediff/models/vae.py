@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stablediff.nn.attention import attention
-from stablediff.nn.layers import Downsample, Upsample, group_norm
+from stablediff.nn.layers import Conv2d, Downsample, Upsample, group_norm
 from stablediff.nn.banded import conv_rows
 from stablediff.nn.winograd import Conv3x3
 
@@ -32,7 +32,7 @@ class ResnetBlock(nn.Module):
         self.conv1 = Conv3x3(cin, cout)
         self.norm2 = group_norm(cout, eps=1e-6, groups=groups)
         self.conv2 = Conv3x3(cout, cout)
-        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.nin_shortcut = Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -46,7 +46,7 @@ class AttnBlock(nn.Module):
     def __init__(self, ch: int, groups: int):
         super().__init__()
         self.norm = group_norm(ch, eps=1e-6, groups=groups)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
+        self.q, self.k, self.v, self.proj_out = (Conv2d(ch, ch, 1) for _ in range(4))
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -180,8 +180,8 @@ class AutoencoderKL(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+        self.quant_conv = Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+        self.post_quant_conv = Conv2d(cfg.z_channels, cfg.z_channels, 1)
 
     def encode(self, x: torch.Tensor, banded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Image in [-1, 1] (B,3,H,W) -> (mean, logvar) of the unscaled latent distribution. banded: the same

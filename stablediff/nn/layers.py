@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stablediff.nn import winograd
+from stablediff.nn import packed, winograd
+from stablediff.nn.packed import Conv2d
 from stablediff.nn.winograd import Conv3x3
 
 
@@ -20,7 +21,9 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if on_onednn(x, self.weight):
             # contiguous: on strided rows oneDNN takes a path hundreds of times slower
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
+            x = x.contiguous()
+            return torch.ops.mkldnn._linear_pointwise(x, packed.linear_weight(self, self.weight, x), self.bias, "none",
+                                                      [], "")
         return super().forward(x)
 
 
@@ -38,6 +41,8 @@ def geglu(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
     if on_onednn(x, proj.weight) and not proj._forward_hooks:
         b, b_gate = proj.bias.chunk(2) if proj.bias is not None else (None, None)
         x, (w, w_gate) = x.contiguous(), proj.weight.chunk(2)
+        w, w_gate = (packed.linear_weight(proj, half, x, slot, part_of=proj.weight)
+                     for half, slot in ((w, "_packed_h"), (w_gate, "_packed_gate")))
         gate = torch.ops.mkldnn._linear_pointwise(x, w_gate, b_gate, "gelu", [], "none")
         return torch.ops.mkldnn._linear_pointwise.binary(x, gate, w, b, "mul")
     h, gate = proj(x).chunk(2, dim=-1)
@@ -77,7 +82,7 @@ class Downsample(nn.Module):
     def __init__(self, channels: int, asymmetric: bool = False):
         super().__init__()
         self.asymmetric = asymmetric
-        conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric else 1)
+        conv = Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric else 1)
         if asymmetric:
             self.conv = conv
         else:
@@ -104,14 +109,15 @@ def fold_upsample_filters(weight: torch.Tensor) -> torch.Tensor:
     return folded.to(weight.dtype, memory_format=_layout(weight))  # as the weight's: oneDNN reorders any other
 
 
-def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, folded: torch.Tensor) -> torch.Tensor:
+def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, folded: torch.Tensor, owner: nn.Module) -> torch.Tensor:
     """conv(nearest 2x upsample of x) for a 3x3 conv with padding 1, as 2x2 convolutions of x itself, one per
     parity of the output pixel (folded = fold_upsample_filters(conv.weight)): 16 multiply-adds per source pixel
-    and channel pair instead of 36, and no upsampled copy. The same sums, in another order."""
+    and channel pair instead of 36, and no upsampled copy. The same sums, in another order. owner keeps the
+    folded filters packed (packed.conv2d)."""
     n, _, h, w = x.shape
     k = conv.out_channels
     # y[:, parity (a, b)] at (i + a, j + b) is the output pixel (2i + a, 2j + b)
-    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), folded, None if conv.bias is None else conv.bias.repeat(4))
+    y = packed.conv2d(owner, F.pad(x, (1, 1, 1, 1)), folded, None if conv.bias is None else conv.bias.repeat(4), 1, 0)
     out = torch.empty(n, k, 2 * h, 2 * w, dtype=y.dtype, device=y.device, memory_format=_layout(x))
     for g, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
         out[:, :, a::2, b::2] = y[:, g * k:(g + 1) * k, a:a + h, b:b + w]
@@ -137,7 +143,7 @@ class Upsample(nn.Module):
         doubled = size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1])
         if doubled and not torch.is_grad_enabled() and not winograd.applies(self.conv, x, scale=2) \
                 and not self.conv._forward_hooks:  # (a hooked conv, a LoRA in training, runs its own forward)
-            return upsample_conv(x, self.conv, self.folded())
+            return upsample_conv(x, self.conv, self.folded(), self)
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stablediff.nn.packed import Conv2d
+
 # Where it pays on a CPU: both channel counts large enough, c*k/(c+k) of at least this, that the matrix
 # products outweigh the tiles' transforms...
 MIN_CHANNELS = 100.0
@@ -104,9 +106,9 @@ def _products(v: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, at: t
     out.unflatten(3, (nw, 4)).unflatten(2, (nh, 4)).copy_(y.view(4, 4, k, n, nh, nw).permute(3, 2, 4, 0, 5, 1))
 
 
-class Conv3x3(nn.Conv2d):
-    """nn.Conv2d(cin, cout, 3, padding=1) that goes by Winograd where that is faster (see `applies`); the same
-    weights and state dict."""
+class Conv3x3(Conv2d):
+    """nn.Conv2d(cin, cout, 3, padding=1) that goes by Winograd where that is faster (see `applies`), else as
+    packed.Conv2d; the same weights and state dict."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__(cin, cout, 3, padding=1)
