@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+import torch
 
 from load import make_files
 from report import machine, prepend
@@ -96,7 +96,6 @@ serve({"step": step, "image": image, "profile": profile, "rss": rss}, {"load_s":
 """
 
 OPENVINO = """
-import numpy as np
 import openvino as ov
 from diffusers import DPMSolverMultistepScheduler
 from optimum.intel import OVStableDiffusionPipeline
@@ -240,8 +239,6 @@ def main() -> None:
                      profile_lines(f"OpenVINO {theirs.ready['precision']}", theirs.ask("profile"))]
         rss = ours.ask("rss")["rss_gib"], theirs.ask("rss")["rss_gib"]
         ours.close(), theirs.close()
-        import torch
-
         a, b = (torch.load(p) for p in outs)
         diff = float((a - b).abs().max())
         label = f"{precision} / OpenVINO {theirs.ready['precision']}"
