@@ -17,16 +17,13 @@ from torch import nn
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a convolution of x by weight goes by a packed weight: CPU inference in bf16, outside torch.compile."""
-    from stablediff.nn.layers import onednn_linear
+    """Whether a convolution of x by weight goes by a packed weight: where a product would run on oneDNN
+    (layers.on_onednn: CPU inference in fp32 or bf16, outside torch.compile), on 4-D inputs, fp32 ones only
+    channels-last."""
+    from stablediff.nn.layers import _layout, on_onednn
 
-    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype == weight.dtype and not torch.is_grad_enabled()
-            and (x.dtype == torch.bfloat16 or x.dtype == torch.float32 and _channels_last(x))
-            and not torch.compiler.is_compiling() and onednn_linear())
-
-
-def _channels_last(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return (on_onednn(x, weight) and x.dim() == 4
+            and (x.dtype == torch.bfloat16 or _layout(x) == torch.channels_last))
 
 
 def conv2d(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
@@ -68,8 +65,8 @@ def _kept(owner: nn.Module, slot: str, weight: torch.Tensor, shape: tuple, pack)
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (the same weights and state dict) that in bf16 CPU inference runs on its weight packed once. A
-    hooked conv (a LoRA in training) runs nn.Conv2d's forward, so the hooks see it."""
+    """nn.Conv2d (the same weights and state dict) that in CPU inference runs on its weight packed once (see
+    `applies`). A hooked conv (a LoRA in training) runs nn.Conv2d's forward, so the hooks see it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._forward_hooks or self.padding_mode != "zeros":
