@@ -24,29 +24,66 @@ def _check(fn, n, m, heads, d, dtype=torch.bfloat16):
     assert ours_err.mean() < 2**-7 * exact.abs().mean()
 
 
+@pytest.fixture(params=["per head", "batched"])
+def cpu_path(request, monkeypatch):
+    """Each CPU path: head by head in chunks (attention past SMALL_SCORES), or all heads in one batched product."""
+    size = 0 if request.param == "per head" else 1 << 30
+    monkeypatch.setattr(attention_module, "SMALL_SCORES", dict.fromkeys(attention_module.SMALL_SCORES, size))
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n, m, heads, d", [(300, 300, 2, 40), (256, 77, 1, 64), (50, 77, 8, 16)])
-def test_cpu_attention_is_as_close_as_the_fused_kernel(n, m, heads, d, dtype):
+def test_cpu_attention_is_as_close_as_the_fused_kernel(n, m, heads, d, dtype, cpu_path):
     _check(attention, n, m, heads, d, dtype)
 
 
-def test_cpu_attention_in_chunks_of_queries(monkeypatch):
+def test_small_cpu_attention_goes_batched_and_large_per_head():
+    """SD 1.5's cross-attention at 16x16 latents (batch 2, 8 heads, 256 queries, 77 keys) is under the bound in both
+    precisions; its 4096-token self-attention is not."""
+    small, large = 16 * 256 * 77, 16 * 4096 * 4096
+    for dtype in (torch.bfloat16, torch.float32):
+        assert small <= attention_module.SMALL_SCORES[dtype] < large
+
+
+def test_cpu_attention_in_chunks_of_queries(monkeypatch, cpu_path):
     """Chunks of 70 queries: 300 of them make four whole chunks and a partial one, in each head."""
     monkeypatch.setattr(attention_module, "CPU_SCORES", 70 * 300)
     _check(attention, 300, 300, 4, 40)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cpu_attention_with_scores_past_exps_range(dtype):
+@pytest.mark.parametrize("scaled", ["all", "by chunk"])
+def test_cpu_attention_with_scores_past_exps_range(dtype, scaled, cpu_path, monkeypatch):
     """Scores up to about +-100: past e^60, so these go through the softmax, which subtracts each row's maximum
-    (exp alone would give inf, then NaN). Against float64 on the same scores rounded to the dtype, as both paths
-    round them (in bf16, at this size, that rounding alone moves the probabilities by up to a fifth)."""
+    (exp alone would give inf, then NaN). Per head the path is chosen for each chunk of queries from a bound on its
+    scores: "by chunk" has, in the first batch, a chunk of queries at 1x (bf16: the fused sigmoid; fp32: exp2), one
+    at 4x (exp2) and one at 20x (the softmax). Against float64 on the same scores rounded to the dtype where the
+    softmax and exp2 round them (in bf16, at this size, that rounding alone moves the probabilities by up to a
+    fifth)."""
+    monkeypatch.setattr(attention_module, "CPU_SCORES", 100 * 300)  # 3 chunks of 100 queries per head
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 300, 80, generator=g).to(dtype) for _ in range(3))
-    q = q * 20
+    if scaled == "all":
+        q = q * 20
+    else:
+        q[0, 100:200] *= 4
+        q[0, 200:] *= 20
     split = lambda t: t.view(2, -1, 2, 40).transpose(1, 2)  # noqa: E731
-    scores = (split(q).double() @ split(k).double().transpose(-1, -2) * 40 ** -0.5).to(dtype).double()
-    assert scores.abs().max() > 90
+    bounds = attention_module._score_bounds(split(q).reshape(4, 300, 40), split(k).reshape(4, 300, 40), 100)
+    if scaled == "all":
+        assert (bounds > attention_module.EXP_BOUND).all()
+    else:  # heads of the first batch, then of the second
+        sigmoid, exp2 = attention_module.SIGMOID_BOUND, attention_module.EXP_BOUND
+        assert (bounds[:2, 0] <= sigmoid).all() and (bounds[2:] <= sigmoid).all()
+        assert ((sigmoid < bounds[:2, 1]) & (bounds[:2, 1] <= exp2)).all() and (bounds[:2, 2] > exp2).all()
+    exact = split(q).double() @ split(k).double().transpose(-1, -2) * 40 ** -0.5
+    assert exact.abs().max() > attention_module.EXP_BOUND + 20
+    # the fused sigmoid takes the exp of the scores before they are rounded (its chunks: bf16, per head)
+    unrounded = bounds <= attention_module.SIGMOID_BOUND if dtype == torch.bfloat16 and cpu_path == "per head" \
+        else torch.zeros_like(bounds, dtype=torch.bool)
+    unrounded = unrounded.repeat_interleave(100, dim=1).view(2, 2, 300, 1)
+    scores = torch.where(unrounded, exact, exact.to(dtype).double())
     rounded = (torch.softmax(scores, -1) @ split(v).double()).transpose(1, 2).reshape(2, 300, 80)
     with torch.no_grad():
         ours = attention(q, k, v, 2)
