@@ -78,7 +78,7 @@ def test_cpu_attention_with_scores_past_exps_range(dtype, scaled, cpu_path, monk
         assert (bounds[:2, 0] <= sigmoid).all() and (bounds[2:] <= sigmoid).all()
         assert ((sigmoid < bounds[:2, 1]) & (bounds[:2, 1] <= exp2)).all() and (bounds[:2, 2] > exp2).all()
     exact = split(q).double() @ split(k).double().transpose(-1, -2) * 40 ** -0.5
-    assert exact.abs().max() > attention_module.EXP_BOUND + 20
+    assert exact.abs().max() > (90 if scaled == "all" else attention_module.EXP_BOUND + 20)  # by chunk: up to 86
     # the fused sigmoid takes the exp of the scores before they are rounded (its chunks: bf16, per head)
     unrounded = bounds <= attention_module.SIGMOID_BOUND if dtype == torch.bfloat16 and cpu_path == "per head" \
         else torch.zeros_like(bounds, dtype=torch.bool)

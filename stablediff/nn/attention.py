@@ -97,10 +97,11 @@ def _products(q, k, v):
     for h in range(bh):
         for c, i in enumerate(range(0, n, rows)):
             path = paths[h][c]
+            chunk = scaled[scale[path]][h, i:i + rows]  # its queries, scaled for its path
             if path == "sigmoid":
-                p = product(scaled[scale[path]][h, i:i + rows], k[h], shift, "sigmoid", [], "")
+                p = product(chunk, k[h], shift, "sigmoid", [], "")
             else:
-                s = product(scaled[scale[path]][h, i:i + rows], k[h], None, "none", [], "")
+                s = product(chunk, k[h], None, "none", [], "")
                 if path == "softmax":
                     out[h, i:i + rows] = product(torch._softmax(s, -1, False, out=s), vt[h, :d], None, "none", [], "")
                     continue
