@@ -46,12 +46,13 @@ def weight_layout(device: torch.device, dtype: torch.dtype, part: str = "unet") 
     - bf16 on the CPU: oneDNN's convolutions work in that layout and NCHW costs a reorder around each one (SD 1.5 at
       512x512 on a 2-core AVX512-BF16 CPU: a guided UNet step 4.4 s against 5.2 s, a VAE decode 4.6 s against
       7.1 s; BENCHMARKS.md).
-    - the fp32 UNet on a CPU where Winograd's convolutions do not run (AVX512, see nn.winograd; elsewhere NCHW is
-      their layout): with its weights packed once (nn.packed), a guided SD 1.5 512x512 step took 4.15 s against
-      4.49 s unpacked and 4.78 s in NCHW (one process, in turn; its convolutions 1.82 s against 2.27 s in NCHW),
-      within 4e-6 of the NCHW result. The packed copies cost the conv weights' memory again (SD 1.5: 1.9 GiB in fp32,
-      0.9 GiB in bf16, where linear weights are packed too; BENCHMARKS.md). The fp32 VAE stays NCHW: there oneDNN's
-      channels-last fp32 convolutions were 2-7x less exact (a 128x128 decode 7.7e-4 from float64, against 1e-5).
+    - the fp32 UNet on AVX512 CPUs (winograd.SLOWER_ON): with its weights packed once (nn.packed), a guided SD 1.5
+      512x512 step took 4.15 s against 4.49 s unpacked and 4.78 s in NCHW (one process, in turn; its convolutions
+      1.82 s against 2.27 s in NCHW), within 4e-6 of the NCHW result. Winograd's convolutions, where they run there
+      (Intel's CPUs), work in this layout too. The packed copies cost the conv weights' memory again (SD 1.5:
+      1.9 GiB in fp32, 0.9 GiB in bf16, where linear weights are packed too; BENCHMARKS.md). The fp32 VAE stays
+      NCHW: there oneDNN's channels-last fp32 convolutions were 2-7x less exact (a 128x128 decode 7.7e-4 from
+      float64, against 1e-5).
     CUDA is left as it was. The loader converts each weight to its dtype and layout in one copy (SD 1.5 loaded in
     bf16: 1.5-1.6 s against 2.2-4.1 s with the layout changed afterwards)."""
     from stablediff.nn import winograd
@@ -62,6 +63,18 @@ def weight_layout(device: torch.device, dtype: torch.dtype, part: str = "unet") 
                                    and torch.backends.cpu.get_cpu_capability() in winograd.SLOWER_ON):
         return torch.channels_last
     return torch.contiguous_format
+
+
+@functools.cache
+def intel_cpu() -> bool:
+    """Whether the CPU is Intel's, where MKL (PyTorch's BLAS on x86) takes its own AVX512 and AMX code; on other
+    vendors' CPUs it takes slower generic code (see nn.attention.fused_kernel_faster)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() == "GenuineIntel" for line in f if line.startswith("vendor_id")),
+                        False)
+    except OSError:  # not Linux
+        return "Intel" in platform.processor()
 
 
 def keep_freed_memory(device: torch.device, on: bool = True) -> bool:

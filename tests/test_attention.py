@@ -1,5 +1,5 @@
-"""Attention in CPU inference (two oneDNN matrix products per head and chunk of queries, not PyTorch's fused
-kernel), in bf16 and fp32, against the same attention in float64 on the same inputs."""
+"""Attention in CPU inference (two oneDNN matrix products per head and chunk of queries, or PyTorch's fused kernel
+where that is the faster), in bf16 and fp32, against the same attention in float64 on the same inputs."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,12 +24,35 @@ def _check(fn, n, m, heads, d, dtype=torch.bfloat16):
     assert ours_err.mean() < 2**-7 * exact.abs().mean()
 
 
+@pytest.fixture
+def by_products(monkeypatch):
+    """The products' paths on any CPU, also where the fused kernel would be taken (fused_kernel_faster)."""
+    monkeypatch.setattr(attention_module, "fused_kernel_faster", lambda dtype: False)
+
+
 @pytest.fixture(params=["per head", "batched"])
-def cpu_path(request, monkeypatch):
+def cpu_path(request, monkeypatch, by_products):
     """Each CPU path: head by head in chunks (attention past SMALL_SCORES), or all heads in one batched product."""
     size = 0 if request.param == "per head" else 1 << 30
     monkeypatch.setattr(attention_module, "SMALL_SCORES", dict.fromkeys(attention_module.SMALL_SCORES, size))
     return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_attention_takes_the_fused_kernel_where_it_is_faster(dtype, monkeypatch):
+    """Where fused_kernel_faster says so (bf16 with AMX, fp32 on Intel CPUs), CPU inference is the fused kernel's
+    own result, bit for bit; elsewhere it goes by the products."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 300, 40, generator=g).to(dtype) for _ in range(3))
+    for faster in (True, False):
+        monkeypatch.setattr(attention_module, "fused_kernel_faster", lambda d: faster)
+        with torch.no_grad():
+            assert attention_module._by_products(q, causal=False) is not faster
+    monkeypatch.setattr(attention_module, "fused_kernel_faster", lambda d: d == dtype)
+    merge = lambda t: t.transpose(1, 2).reshape(2, 300, 8 * 40)  # noqa: E731
+    with torch.no_grad():
+        ours = attention(merge(q), merge(k), merge(v), 8)
+    assert torch.equal(ours, merge(F.scaled_dot_product_attention(q, k, v)))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -91,7 +114,7 @@ def test_cpu_attention_with_scores_past_exps_range(dtype, scaled, cpu_path, monk
     assert (ours.double() - rounded).abs().mean() < 2**-7 * rounded.abs().mean()
 
 
-def test_compiled_cpu_bf16_attention_is_one_graph_as_close_as_the_fused_kernel():
+def test_compiled_cpu_bf16_attention_is_one_graph_as_close_as_the_fused_kernel(by_products):
     """torch.compile takes no out= views: under it the same products run as new tensors, in one graph (a graph
     break here made `--compile --precision bf16` compile pieces of the UNet only, slower than eager)."""
     _check(torch.compile(attention, fullgraph=True, dynamic=False), 300, 300, 2, 40)

@@ -23,13 +23,13 @@ def test_half_precision_loads_every_weight_in_that_dtype(tiny_model_dir):
     model = StableDiffusion.load(tiny_model_dir, device="cpu", dtype="bf16")
     for part in (model.unet, model.vae, model.text_encoder):
         assert {p.dtype for p in part.parameters()} == {torch.bfloat16}
-    # bf16 convolutions on the CPU run channels-last (oneDNN's layout); fp32 ones stay NCHW (Winograd's), but for
-    # the UNet's on CPUs where Winograd does not run (devices.weight_layout)
+    # bf16 convolutions on the CPU run channels-last (oneDNN's layout); fp32 ones stay NCHW, but for the UNet's on
+    # AVX512 CPUs (devices.weight_layout)
     assert model.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     assert model.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     full = StableDiffusion.load(tiny_model_dir, device="cpu", dtype="fp32")
-    winograd_off = torch.backends.cpu.get_cpu_capability() in winograd.SLOWER_ON
-    assert full.unet.input_blocks[0][0].weight.is_contiguous() != winograd_off
+    avx512 = torch.backends.cpu.get_cpu_capability() in winograd.SLOWER_ON
+    assert full.unet.input_blocks[0][0].weight.is_contiguous() != avx512
     assert full.vae.decoder.conv_in.weight.is_contiguous()
     image = model.txt2img("a cat", steps=2, seed=0, width=64, height=64)[0]
     assert image.size == (64, 64)

@@ -54,3 +54,25 @@ def test_upsample_to_an_odd_size_takes_the_nearest_upsample():
         out = up(x, size=(9, 9))
     expected = F.conv2d(F.interpolate(x, size=(9, 9), mode="nearest"), up.conv.weight, up.conv.bias, padding=1)
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_takes_winograd_on_the_upsampled_image_only_where_the_folded_filters_run_unpacked(
+        channels_last, monkeypatch):
+    """Where Winograd would take the conv on the upsampled image: NCHW (not packed) it does; channels-last in fp32,
+    the folded filters run on packed weights and are the faster, so they run."""
+    from stablediff.nn import layers, winograd
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 0.0)
+    monkeypatch.setattr(winograd, "MIN_TILES", 0)
+    folded, real = [], layers.upsample_conv
+    monkeypatch.setattr(layers, "upsample_conv", lambda *a: folded.append(1) or real(*a))
+    torch.manual_seed(0)
+    up, x = Upsample(8), torch.randn(1, 8, 5, 5)
+    if channels_last:
+        up, x = up.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert winograd.applies(up.conv, x, scale=2)
+        torch.testing.assert_close(up(x).double(), _reference(up, x), rtol=1e-4, atol=1e-4)
+    assert folded == ([1] if channels_last else [])

@@ -18,19 +18,24 @@ def _case(n, c, k, h, w, seed=0):
 
 @pytest.mark.parametrize("n,c,k,h,w", [(2, 320, 320, 16, 16), (1, 64, 96, 13, 30), (3, 8, 4, 5, 3), (1, 5, 7, 1, 1)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_equals_the_direct_convolution_within_its_rounding(n, c, k, h, w, with_bias):
-    """Against fp64, within 1e-4 on unit-scale outputs (sizes that are not multiples of the 4x4 tile included).
-    The direct fp32 convolution's error is 3e-6 to 3e-5 here; a wrong transform or tile gives errors of order 1."""
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_equals_the_direct_convolution_within_its_rounding(n, c, k, h, w, with_bias, layout):
+    """Against fp64, within 1e-4 on unit-scale outputs (sizes that are not multiples of the 4x4 tile included), in
+    the input's layout (the UNet's channels-last on AVX512 CPUs, NCHW elsewhere). The direct fp32 convolution's
+    error is 3e-6 to 3e-5 here; a wrong transform or tile gives errors of order 1."""
     x, weight, bias = _case(n, c, k, h, w)
     bias = bias if with_bias else None
     exact = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=1)
+    x, weight = x.contiguous(memory_format=layout), weight.contiguous(memory_format=layout)
     got = winograd.conv3x3(F.pad(x, (1, 1, 1, 1)), winograd.filters(weight), bias)
-    assert got.shape == exact.shape and got.is_contiguous()
+    assert got.shape == exact.shape and got.is_contiguous(memory_format=layout)
     assert exact.std() > 0.2 and (got.double() - exact).abs().max().item() < 1e-4
 
 
-def test_bands_of_tile_rows_and_groups_of_outputs_give_the_same_result(monkeypatch):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_bands_of_tile_rows_and_groups_of_outputs_give_the_same_result(monkeypatch, layout):
     x, weight, bias = _case(2, 16, 24, 37, 21)
+    x = x.contiguous(memory_format=layout)
     whole = winograd.conv3x3(F.pad(x, (1, 1, 1, 1)), winograd.filters(weight), bias)
     monkeypatch.setattr(winograd, "MAX_BUFFER", 36 * 16 * 10)  # output channels in groups of 10, 1 tile row a band
     parts = winograd.filters(weight)
@@ -59,7 +64,10 @@ def test_taken_only_for_fp32_cpu_inference_with_enough_channels_and_tiles(avx2, 
     with torch.no_grad():
         assert (conv(x) - F.conv2d(x, conv.weight, conv.bias, padding=1)).abs().max() < 1e-4
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-        assert not winograd.applies(conv, x)  # where the direct convolution is faster
+        monkeypatch.setattr(winograd, "intel_cpu", lambda: False)
+        assert not winograd.applies(conv, x)  # where the direct convolution is faster (an AMD EPYC)
+        monkeypatch.setattr(winograd, "intel_cpu", lambda: True)
+        assert winograd.applies(conv, x)  # and where MKL's products keep up with it
 
 
 @pytest.fixture

@@ -131,8 +131,10 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
 
 class Upsample(nn.Module):
     """Nearest x2 (or to an explicit size, for the UNet's odd skip sizes) then a 3x3 conv. In inference the two
-    go as one (upsample_conv), except where the conv would take Winograd's cheaper route on the upsampled
-    image."""
+    go as one (upsample_conv), except where the conv would take Winograd's cheaper route on the upsampled image and
+    the folded filters would not run on packed weights (NCHW, as on AVX2 CPUs). Packed, the folded filters are the
+    faster: on a 2-core Xeon with AMX in fp32, SD 1.5's upsampling convs (batch 2) took 98 against 146 ms from
+    16x16 (1280 channels) and 87 against 114 ms from 32x32 (640 channels) by Winograd on the upsampled image."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -141,8 +143,9 @@ class Upsample(nn.Module):
 
     def forward(self, x, size=None):
         doubled = size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1])
-        if doubled and not torch.is_grad_enabled() and not winograd.applies(self.conv, x, scale=2) \
-                and not self.conv._forward_hooks:  # (a hooked conv, a LoRA in training, runs its own forward)
+        if doubled and not torch.is_grad_enabled() and not self.conv._forward_hooks \
+                and (packed.applies(x, self.conv.weight) or not winograd.applies(self.conv, x, scale=2)):
+            # (a hooked conv, a LoRA in training, runs its own forward)
             return upsample_conv(x, self.conv, self.folded(), self)
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
