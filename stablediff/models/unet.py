@@ -73,7 +73,10 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb):
         h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        *layers, conv = self.out_layers
+        for layer in layers:
+            h = layer(h)
+        return conv(h, add=self.skip_connection(x))
 
 
 class GEGLU(nn.Module):
@@ -90,8 +93,9 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), Linear(dim * mult, dim))
 
-    def forward(self, x):
-        return self.net(x)
+    def forward(self, x, add=None):
+        proj, dropout, out = self.net
+        return out(dropout(proj(x)), add=add)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -109,11 +113,11 @@ class BasicTransformerBlock(nn.Module):
         the rows are repeated for the first layer that reads the context."""
         if rows is not None and self.cross_only:
             x, rows = x[rows], None
-        x = x + self.attn1(self.norm1(x), context if self.cross_only else None)
+        x = self.attn1(self.norm1(x), context if self.cross_only else None, add=x)
         if rows is not None:
             x = x[rows]
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x = self.attn2(self.norm2(x), context, add=x)
+        return self.ff(self.norm3(x), add=x)
 
 
 class SpatialTransformer(nn.Module):
@@ -141,11 +145,8 @@ class SpatialTransformer(nn.Module):
             if rows is not None:  # the first block repeated the rows (see UNet.forward); the residual follows
                 x, rows = x[rows], None
         if self.linear:
-            y = self.proj_out(y)
-        y = y.reshape(len(y), h, w, c).permute(0, 3, 1, 2)
-        if not self.linear:
-            y = self.proj_out(y)
-        return x + y
+            return x + self.proj_out(y).reshape(len(y), h, w, c).permute(0, 3, 1, 2)
+        return self.proj_out(y.reshape(len(y), h, w, c).permute(0, 3, 1, 2), add=x)
 
 
 def _run_block(block: nn.Sequential, h, emb, context, rows=None, upsample_size=None):

@@ -36,8 +36,7 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.nin_shortcut(x) + h
+        return self.conv2(F.silu(self.norm2(h)), add=self.nin_shortcut(x))
 
 
 class AttnBlock(nn.Module):
@@ -54,7 +53,7 @@ class AttnBlock(nn.Module):
         # (B, C, H, W) -> (B, HW, C)
         q, k, v = (p(y).flatten(2).transpose(1, 2) for p in (self.q, self.k, self.v))
         y = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(y)
+        return self.proj_out(y, add=x)
 
 
 class _Mid(nn.Module):

@@ -157,7 +157,8 @@ class CrossAttention(nn.Module):
         self.to_v = Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(Linear(inner, dim))
 
-    def forward(self, x, context=None):
+    def forward(self, x, context=None, add=None):
+        """The attention's output, plus `add` (the residual) where given, added as the output product writes it."""
         context = x if context is None else context
         out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast)
-        return self.to_out(out)
+        return self.to_out[0](out, add=add)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stablediff.nn import packed, winograd
-from stablediff.nn.packed import Conv2d
+from stablediff.nn.packed import Conv2d, layout
 from stablediff.nn.winograd import Conv3x3
 
 
@@ -18,13 +18,16 @@ class Linear(nn.Linear):
     in the product instead of copied into its output first, 490-864 against 645-870. The same weights and state
     dict; the same results within float rounding (tests/test_layers.py)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """x w^T + b, plus `add` (a residual of the output's shape) where given: on oneDNN, added as each output is
+        written (packed.plus)."""
         if on_onednn(x, self.weight):
             # contiguous: on strided rows oneDNN takes a path hundreds of times slower
-            x = x.contiguous()
-            return torch.ops.mkldnn._linear_pointwise(x, packed.linear_weight(self, self.weight, x), self.bias, "none",
-                                                      [], "")
-        return super().forward(x)
+            x, w = x.contiguous(), packed.linear_weight(self, self.weight, x)
+            if add is not None:
+                return torch.ops.mkldnn._linear_pointwise.binary(x, add.contiguous(), w, self.bias, "add")
+            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
+        return packed.plus(super().forward(x), add)
 
 
 def on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -106,7 +109,7 @@ def fold_upsample_filters(weight: torch.Tensor) -> torch.Tensor:
     fold = torch.tensor(_FOLD, dtype=torch.float32, device=weight.device)  # (parity, tap, kernel row)
     k, c = weight.shape[:2]
     folded = torch.einsum("apr,bqs,kcrs->abkcpq", fold, fold, weight.float()).reshape(4 * k, c, 2, 2)
-    return folded.to(weight.dtype, memory_format=_layout(weight))  # as the weight's: oneDNN reorders any other
+    return folded.to(weight.dtype, memory_format=layout(weight))  # as the weight's: oneDNN reorders any other
 
 
 def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, folded: torch.Tensor, owner: nn.Module) -> torch.Tensor:
@@ -118,15 +121,10 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, folded: torch.Tensor, owner:
     k = conv.out_channels
     # y[:, parity (a, b)] at (i + a, j + b) is the output pixel (2i + a, 2j + b)
     y = packed.conv2d(owner, F.pad(x, (1, 1, 1, 1)), folded, None if conv.bias is None else conv.bias.repeat(4), 1, 0)
-    out = torch.empty(n, k, 2 * h, 2 * w, dtype=y.dtype, device=y.device, memory_format=_layout(x))
+    out = torch.empty(n, k, 2 * h, 2 * w, dtype=y.dtype, device=y.device, memory_format=layout(x))
     for g, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
         out[:, :, a::2, b::2] = y[:, g * k:(g + 1) * k, a:a + h, b:b + w]
     return out
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 class Upsample(nn.Module):

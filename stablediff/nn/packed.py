@@ -20,24 +20,45 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a convolution of x by weight goes by a packed weight: where a product would run on oneDNN
     (layers.on_onednn: CPU inference in fp32 or bf16, outside torch.compile), on 4-D inputs, fp32 ones only
     channels-last."""
-    from stablediff.nn.layers import _layout, on_onednn
+    from stablediff.nn.layers import on_onednn
 
     return (on_onednn(x, weight) and x.dim() == 4
-            and (x.dtype == torch.bfloat16 or _layout(x) == torch.channels_last))
+            and (x.dtype == torch.bfloat16 or layout(x) == torch.channels_last))
+
+
+def layout(x: torch.Tensor) -> torch.memory_format:
+    """x's memory format: channels-last, or contiguous for everything else."""
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def conv2d(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
-           dilation=(1, 1), groups: int = 1) -> torch.Tensor:
+           dilation=(1, 1), groups: int = 1, add: torch.Tensor | None = None) -> torch.Tensor:
     """F.conv2d(x, weight, bias, stride, padding, dilation, groups) on weight packed once, the packed copy kept on
-    `owner` (see the module's text). Where `applies` is false, F.conv2d itself."""
+    `owner` (see the module's text), plus `add` (a residual of the output's shape) where given: on packed weights
+    oneDNN adds it as each output is written (see `plus`). Where `applies` is false, F.conv2d itself."""
     if not applies(x, weight):
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return plus(F.conv2d(x, weight, bias, stride, padding, dilation, groups), add)
     stride, padding, dilation = (list(nn.modules.utils._pair(v)) for v in (stride, padding, dilation))
     packed = _kept(owner, "_packed_weight", weight, (tuple(x.shape), tuple(stride), tuple(padding)),
                    lambda: torch.ops.mkldnn._reorder_convolution_weight(weight.detach(), padding, stride, dilation,
                                                                         groups, list(x.shape)))
     x = x.contiguous(memory_format=torch.channels_last)
-    return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, groups, "none", [], "")
+    if add is not None and layout(add) == torch.channels_last:
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, add, packed, bias, padding, stride, dilation, groups,
+                                                             "add", None, None, [], None)
+    # an NCHW residual is added the plain way, so that the sum stays NCHW as it is (the fp32 VAE's attention, whose
+    # output comes channels-last: its next convolutions stay NCHW, as exact as they were)
+    return plus(torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, groups, "none", [],
+                                                        ""), add)
+
+
+def plus(out: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
+    """add + out, or out where there is nothing to add: a residual added the plain way, where oneDNN does not add it
+    as each output is written. Where it does (conv2d, layers.Linear) the residual costs no pass over the activations
+    of its own, and in bf16 the sum is rounded once, not twice: with the UNet's residuals added so, a guided SD 1.5
+    512x512 bf16 step on a 2-core Xeon with AMX took 1.34 against 1.39 s (fp32: the same within the noise)."""
+    return out if add is None else add + out
 
 
 def linear_weight(owner: nn.Module, weight: torch.Tensor, x: torch.Tensor, slot: str = "_packed_weight",
@@ -66,9 +87,10 @@ def _kept(owner: nn.Module, slot: str, weight: torch.Tensor, shape: tuple, pack)
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (the same weights and state dict) that in CPU inference runs on its weight packed once (see
-    `applies`). A hooked conv (a LoRA in training) runs nn.Conv2d's forward, so the hooks see it."""
+    `applies`); conv(x, add=r) is r + conv(x), for residuals (see conv2d). A hooked conv (a LoRA in training) runs
+    nn.Conv2d's forward, so the hooks see it."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         if self._forward_hooks or self.padding_mode != "zeros":
-            return super().forward(x)
-        return conv2d(self, x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return plus(super().forward(x), add)
+        return conv2d(self, x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, add)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stablediff.devices import intel_cpu
-from stablediff.nn.packed import Conv2d
+from stablediff.nn.packed import Conv2d, layout, plus
 
 # Where it pays on a CPU: both channel counts large enough, c*k/(c+k) of at least this, that the matrix
 # products outweigh the tiles' transforms...
@@ -84,18 +84,16 @@ def conv3x3(padded: torch.Tensor, u: list[torch.Tensor], bias: torch.Tensor | No
     """F.conv2d(padded, weight, bias) (no padding of its own) by F(4x4, 3x3), with u = filters(weight): padded
     (n, c, h+2, w+2) -> (n, k, h, w), in padded's layout (NCHW or channels-last). In bands of tile rows whose
     buffers stay within MAX_BUFFER floats."""
-    from stablediff.nn.layers import _layout
-
     n, c, h, w = padded.shape
     groups = [part.shape[1] for part in u]  # output channels of each group of transformed filters
     h, w, k = h - 2, w - 2, sum(groups)
     nh, nw = -(-h // 4), -(-w // 4)  # output tiles down and across; the last ones may overhang the image
     if (4 * nh, 4 * nw) != (h, w):
         padded = F.pad(padded, (0, 4 * nw - w, 0, 4 * nh - h))
-    layout = _layout(padded)
-    last = layout == torch.channels_last
+    fmt = layout(padded)
+    last = fmt == torch.channels_last
     bt, _, at = _transforms(padded.device)
-    y = torch.empty(n, k, 4 * nh, 4 * nw, dtype=padded.dtype, device=padded.device, memory_format=layout)
+    y = torch.empty(n, k, 4 * nh, 4 * nw, dtype=padded.dtype, device=padded.device, memory_format=fmt)
     biases = [None] * len(u) if bias is None else bias.split(groups)
     band = max(1, MAX_BUFFER // (36 * n * nw * max(c, *groups)))
     for top in range(0, nh, band):
@@ -108,7 +106,7 @@ def conv3x3(padded: torch.Tensor, u: list[torch.Tensor], bias: torch.Tensor | No
         v = v.view(36, -1, c) if last else v.view(36, c, -1)
         for part, b, out in zip(u, biases, y[:, :, 4 * top:4 * (top + band)].split(groups, dim=1)):
             _products(v, part, b, at, out, last)
-    return y if (4 * nh, 4 * nw) == (h, w) else y[:, :, :h, :w].contiguous(memory_format=layout)
+    return y if (4 * nh, 4 * nw) == (h, w) else y[:, :, :h, :w].contiguous(memory_format=fmt)
 
 
 def _products(v: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, at: torch.Tensor,
@@ -136,7 +134,7 @@ class Conv3x3(Conv2d):
     def __init__(self, cin: int, cout: int):
         super().__init__(cin, cout, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         if applies(self, x):
-            return conv3x3(F.pad(x, (1, 1, 1, 1)), filters(self.weight), self.bias)
-        return super().forward(x)
+            return plus(conv3x3(F.pad(x, (1, 1, 1, 1)), filters(self.weight), self.bias), add)
+        return super().forward(x, add)
