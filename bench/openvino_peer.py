@@ -10,7 +10,7 @@ optimum-intel wants transformers < 5.6):
 
     python3 -m venv /tmp/ov-venv
     /tmp/ov-venv/bin/pip install "optimum-intel[openvino]==2.2.0" "openvino==2026.4.1" "transformers<5.6" "diffusers==0.39.0"
-    python bench/openvino_peer.py --ov-python /tmp/ov-venv/bin/python [--workdir /tmp/sd-bench] [--reps 3]
+    python bench/openvino_peer.py --ov-python /tmp/ov-venv/bin/python [--workdir /tmp/sd-bench] [--reps 3] [--pause 0]
 
 Each side is its own process, both alive at once, each asked in turn (ours, OpenVINO, ours, ...) so that a drift in
 the machine's speed falls on both alike; each times its own calls, after a warm-up call, on the same inputs.
@@ -183,10 +183,16 @@ class Child:
         self.proc.wait()
 
 
-def in_turn(a: Child, b: Child, command: str, reps: int) -> tuple[float, float]:
-    """The median of each side's own timings of `command`, asked in turn after a warm-up call of each."""
-    a.ask(command), b.ask(command)
-    times = [(a.ask(command)["s"], b.ask(command)["s"]) for _ in range(reps)]
+def in_turn(a: Child, b: Child, command: str, reps: int, pause: float = 0.0) -> tuple[float, float]:
+    """The median of each side's own timings of `command`, asked in turn after a warm-up call of each, `pause`
+    seconds before each call (so that the other side's worker threads, which may spin a while after their call,
+    are asleep by then)."""
+    def ask(side: Child) -> float:
+        time.sleep(pause)
+        return side.ask(command)["s"]
+
+    ask(a), ask(b)
+    times = [(ask(a), ask(b)) for _ in range(reps)]
     return statistics.median(t for t, _ in times), statistics.median(t for _, t in times)
 
 
@@ -217,6 +223,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="timed steps per side after the warm-up")
     parser.add_argument("--image-reps", type=int, default=1, help="timed whole images per side after the warm-up")
     parser.add_argument("--precisions", default="bf16,fp32")
+    parser.add_argument("--pause", type=float, default=0.0, help="seconds of idle before each timed call")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -231,9 +238,9 @@ def main() -> None:
         theirs = Child(args.ov_python, OPENVINO, str(ir), hint, str(ours.ready["t"]))
         outs = [workdir / f"step-{side}-{precision}.pt" for side in ("ours", "openvino")]
         ours.ask("step", outs[0]), theirs.ask("step", outs[1])
-        step = in_turn(ours, theirs, "step", args.reps)
+        step = in_turn(ours, theirs, "step", args.reps, args.pause)
         print(precision, "step", step, flush=True)
-        image = in_turn(ours, theirs, "image", args.image_reps)
+        image = in_turn(ours, theirs, "image", args.image_reps, args.pause)
         print(precision, "image", image, flush=True)
         profiles += [profile_lines(f"stablediff {precision}", ours.ask("profile")),
                      profile_lines(f"OpenVINO {theirs.ready['precision']}", theirs.ask("profile"))]
