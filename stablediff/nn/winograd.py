@@ -30,7 +30,8 @@ MIN_TILES = 128
 # 162 GFLOP/s in fp32), and Winograd measured 0.9x to 1.5x the direct time on the layers it would take, against 0.6x
 # to 1.0x on an AVX2 EPYC. On a Xeon with AVX512 MKL's products keep up with the direct convolutions (340-360
 # GFLOP/s), and Winograd took 0.5x to 1.0x of the packed direct time on SD 1.5's 32x32 and 64x64 layers, channels-
-# last: a guided 512x512 step 4.69 against 5.10 s (bench/winograd.py, BENCHMARKS.md).
+# last: a guided 512x512 step 4.69 against 5.10 s, one process, in turn (BENCHMARKS.md). bench/winograd.py times the
+# NCHW forms.
 SLOWER_ON = ("AVX512",)  # torch.backends.cpu.get_cpu_capability() values
 # The transformed filters go in groups of output channels, and the transformed tiles and products in bands of
 # tile rows, each buffer at most this many floats (32 MiB): glibc gives larger blocks fresh pages at every call,
