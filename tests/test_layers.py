@@ -51,9 +51,9 @@ def test_geglu_fused_matches_its_definition(dtype, tol, bias):
 
 @pytest.mark.parametrize("stride, padding, kernel", [(1, 1, 3), (2, 1, 3), (1, 0, 1)])
 def test_packed_conv_is_f_conv2d_and_follows_weight_and_shape_changes(stride, padding, kernel):
-    """nn.packed.Conv2d in CPU inference: bit for bit F.conv2d on channels-last bf16 tensors, and fp32's within
-    rounding; the packed copy is made again when the weight changes in place (a LoRA merged) or the input's shape
-    does; with gradients on, nn.Conv2d's own forward."""
+    """nn.packed.Conv2d in CPU inference: bit for bit F.conv2d on channels-last bf16 tensors (bf16 1x1 ones as an
+    inner product over the pixels), and fp32's within rounding; the packed copy is made again when the weight
+    changes in place (a LoRA merged) or the input's shape does; with gradients on, nn.Conv2d's own forward."""
     from stablediff.nn.packed import Conv2d
 
     if not layers.onednn_linear():
@@ -70,7 +70,9 @@ def test_packed_conv_is_f_conv2d_and_follows_weight_and_shape_changes(stride, pa
                     assert torch.equal(ours, expected)
                 else:
                     assert (ours - expected).abs().max() <= 1e-5 * expected.abs().max()
-                assert conv.__dict__["_packed_weight"][1][1] == shape
+                by_pixels = dtype == torch.bfloat16 and kernel == 1
+                slot, key = ("_packed_rows", shape[0] * shape[2] * shape[3]) if by_pixels else ("_packed_weight", shape)
+                assert conv.__dict__[slot][1][1] == key
                 conv.weight.mul_(0.5)  # in place, as a LoRA merge
                 assert torch.allclose(conv(x).float(), expected.float() * 0.5 + conv.bias.float()[:, None, None] * 0.5,
                                       atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
@@ -79,6 +81,37 @@ def test_packed_conv_is_f_conv2d_and_follows_weight_and_shape_changes(stride, pa
     conv = Conv2d(48, 40, 3, padding=1)
     conv(x).sum().backward()
     assert x.grad is not None and "_packed_weight" not in conv.__dict__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_packed_conv_goes_in_parts_of_input_channels(dtype):
+    """A stride-1 3x3 convolution over more than PART input channels runs as parts of them, each added to the sum
+    so far (nn.packed.PART): the convolution within fp32's rounding, or in bf16 within two roundings (one for the
+    sum of the parts before); with a residual as well; strided and narrow ones in one part."""
+    from stablediff.nn import packed
+    from stablediff.nn.packed import Conv2d
+
+    if not layers.onednn_linear():
+        pytest.skip("needs torch with oneDNN")
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    c = 2 * packed.PART + 20
+    x, r = (torch.randn(*shape).to(dtype, memory_format=cl) for shape in ((2, c, 5, 6), (2, 24, 5, 6)))
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    for conv, parts in ((Conv2d(c, 24, 3, padding=1), 3), (Conv2d(c, 24, 3, stride=2), 1),
+                        (Conv2d(packed.PART, 24, 3, padding=1), 1)):
+        conv = conv.to(dtype, memory_format=cl)
+        inp = x[:, :conv.in_channels].contiguous(memory_format=cl)
+        w, b = conv.weight.double(), conv.bias.double()
+        exact = F.conv2d(inp.double(), w, b, conv.stride, conv.padding)
+        with torch.no_grad():
+            ours = conv(inp)
+            assert len(conv.__dict__["_packed_weight"][2]) == parts
+            assert ours.is_contiguous(memory_format=cl)
+            assert (ours.double() - exact).abs().max() <= tol * exact.abs().max()
+            if conv.stride == (1, 1) and conv.kernel_size == (3, 3):
+                summed = conv(inp, add=r).double()
+                assert (summed - exact - r.double()).abs().max() <= tol * (exact + r.double()).abs().max()
 
 
 def test_packed_bf16_linear_weights_are_kept_across_calls_and_follow_in_place_changes():

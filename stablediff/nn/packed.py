@@ -8,7 +8,7 @@ against 17.9 ms on its weight packed once, 694 against 841 GFLOP/s; 17.9 against
 The packed copy is kept beside the weight (one per convolution, for the last input shape it ran on) and made again
 when the weight changes (a LoRA merged in place), the input's shape does, or the weight moves. Channels-last in,
 channels-last out, the same oneDNN kernels: bit for bit the result of F.conv2d on channels-last bf16 tensors
-(tests/test_layers.py)."""
+(tests/test_layers.py), except the wide convolutions that go in parts (PART), within a rounding."""
 import weakref
 
 import torch
@@ -32,25 +32,90 @@ def layout(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+# A stride-1 3x3 convolution over more than PART input channels goes as parts of at most PART of them, each part's
+# products added to the parts' before it as oneDNN writes its output (the binary add of `plus`). On a 2-core Xeon
+# with AMX, oneDNN's direct convolutions ran SD 1.5's wide layers faster in parts, in one guided 512x512 step (batch
+# 2, in turn with the whole ones): fp32 1280 to 1280 channels at 16x16 264 against 288 ms (7 layers), 2560 to 1280
+# 167 against 225 ms (2 layers), all direct convolutions 1.22 against 1.37 s; bf16 43 against 57 ms, 26 against
+# 30 ms, 1280 to 640 at 32x32 11.6 against 14.2 ms, all 386 against 414 ms. Neither gained in 1x1 or 2x2 layers. In
+# bf16 each part's sum is rounded before the next adds to it (about one more rounding of the output).
+PART = 640
+
+
 def conv2d(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
            dilation=(1, 1), groups: int = 1, add: torch.Tensor | None = None) -> torch.Tensor:
     """F.conv2d(x, weight, bias, stride, padding, dilation, groups) on weight packed once, the packed copy kept on
-    `owner` (see the module's text), plus `add` (a residual of the output's shape) where given: on packed weights
-    oneDNN adds it as each output is written (see `plus`). Where `applies` is false, F.conv2d itself."""
+    `owner` (see the module's text), in parts of input channels where it is wide (PART), plus `add` (a residual of
+    the output's shape) where given: on packed weights oneDNN adds it as each output is written (see `plus`). Where
+    `applies` is false, F.conv2d itself."""
     if not applies(x, weight):
         return plus(F.conv2d(x, weight, bias, stride, padding, dilation, groups), add)
     stride, padding, dilation = (list(nn.modules.utils._pair(v)) for v in (stride, padding, dilation))
-    packed = _kept(owner, "_packed_weight", weight, (tuple(x.shape), tuple(stride), tuple(padding)),
-                   lambda: torch.ops.mkldnn._reorder_convolution_weight(weight.detach(), padding, stride, dilation,
-                                                                        groups, list(x.shape)))
-    x = x.contiguous(memory_format=torch.channels_last)
+    if x.dtype == torch.bfloat16 and tuple(weight.shape[2:]) == (1, 1) and stride == [1, 1] and padding == [0, 0] \
+            and groups == 1:
+        return _pixel_product(owner, x, weight, bias, add)
+    parts = _parts(weight, stride, groups)
+    xs = [part.contiguous(memory_format=torch.channels_last) for part in x.split(parts, dim=1)]
+    packed = _kept(owner, "_packed_weight", weight, (tuple(x.shape), tuple(stride), tuple(padding), tuple(parts)),
+                   lambda: _pack_parts(weight.detach(), parts, [list(part.shape) for part in xs], padding, stride,
+                                       dilation, groups))
+    conv = torch.ops.mkldnn._convolution_pointwise
     if add is not None and layout(add) == torch.channels_last:
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, add, packed, bias, padding, stride, dilation, groups,
-                                                             "add", None, None, [], None)
+        out = conv.binary(xs[0], add, packed[0], bias, padding, stride, dilation, groups, "add", None, None, [], None)
+        add = None
+    else:
+        out = conv(xs[0], packed[0], bias, padding, stride, dilation, groups, "none", [], "")
+    for part, w in zip(xs[1:], packed[1:]):  # each further part added to the sum so far as it is written
+        out = conv.binary(part, out, w, None, padding, stride, dilation, groups, "add", None, None, [], None)
     # an NCHW residual is added the plain way, so that the sum stays NCHW as it is (the fp32 VAE's attention, whose
     # output comes channels-last: its next convolutions stay NCHW, as exact as they were)
-    return plus(torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, groups, "none", [],
-                                                        ""), add)
+    return plus(out, add)
+
+
+def _pixel_product(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   add: torch.Tensor | None) -> torch.Tensor:
+    """A bf16 1x1 convolution as oneDNN's inner product over x's pixels, each a row of its channels (x channels-last
+    is that matrix already), on the weight packed as a linear layer's (linear_weight). On a 2-core Xeon with AMX,
+    SD 1.5's 1x1 convolutions with their residuals (proj_in and proj_out, the ResBlocks' skips) took 0.70-0.85x the
+    time as convolutions (320 channels at 64x64, batch 2: 0.85 against 1.22 ms), the same within a rounding; in
+    fp32, where linear weights stay unpacked, 0.93-1.09x, so fp32 stays a convolution."""
+    n, c, h, w = x.shape
+    rows = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, c)
+    packed = linear_weight(owner, weight.flatten(1), rows, "_packed_rows", part_of=weight)
+    product = torch.ops.mkldnn._linear_pointwise
+    if add is not None and layout(add) == torch.channels_last:
+        out, add = product.binary(rows, add.permute(0, 2, 3, 1).reshape(rows.shape[0], -1), packed, bias, "add"), None
+    else:
+        out = product(rows, packed, bias, "none", [], "")
+    return plus(out.view(n, h, w, -1).permute(0, 3, 1, 2), add)
+
+
+def _pack_parts(weight: torch.Tensor, parts: list[int], shapes: list[list[int]], padding, stride, dilation,
+                groups: int) -> list[torch.Tensor]:
+    """The packed weights of a convolution's parts of input channels (conv2d), for inputs of these shapes. Each part
+    is copied into one buffer per width and packed from there: packed from the strided slices themselves (or a fresh
+    copy of each), a guided fp32 512x512 step held 0.8-1.2 GiB more than whole weights did, in the holes the copies
+    left between the parts; this way, 0.2 GiB."""
+    def pack(w, shape):
+        return torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation, groups, shape)
+
+    if len(parts) == 1:
+        return [pack(weight, shapes[0])]
+    buffers, packed = {}, []
+    for w, shape in zip(weight.split(parts, dim=1), shapes):
+        if w.shape[1] not in buffers:
+            buffers[w.shape[1]] = torch.empty_like(w, memory_format=layout(weight))
+        packed.append(pack(buffers[w.shape[1]].copy_(w), shape))
+    return packed
+
+
+def _parts(weight: torch.Tensor, stride: list[int], groups: int) -> list[int]:
+    """The input channels of each part the convolution goes in (see PART): all of them in one, except for wide
+    stride-1 3x3 convolutions."""
+    c = weight.shape[1]
+    if c <= PART or groups != 1 or tuple(weight.shape[2:]) != (3, 3) or stride != [1, 1]:
+        return [c]
+    return [PART] * (c // PART) + [c % PART] * (c % PART > 0)
 
 
 def plus(out: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
