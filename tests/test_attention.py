@@ -43,16 +43,43 @@ def test_cpu_attention_takes_the_fused_kernel_where_it_is_faster(dtype, monkeypa
     """Where fused_kernel_faster says so (bf16 with AMX, fp32 on Intel CPUs), CPU inference is the fused kernel's
     own result, bit for bit; elsewhere it goes by the products."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 8, 300, 40, generator=g).to(dtype) for _ in range(3))
+    q, k, v = (torch.randn(2, 8, 320, 40, generator=g).to(dtype) for _ in range(3))
     for faster in (True, False):
         monkeypatch.setattr(attention_module, "fused_kernel_faster", lambda d: faster)
         with torch.no_grad():
             assert attention_module._by_products(q, causal=False) is not faster
     monkeypatch.setattr(attention_module, "fused_kernel_faster", lambda d: d == dtype)
-    merge = lambda t: t.transpose(1, 2).reshape(2, 300, 8 * 40)  # noqa: E731
+    merge = lambda t: t.transpose(1, 2).reshape(2, 320, 8 * 40)  # noqa: E731
     with torch.no_grad():
         ours = attention(merge(q), merge(k), merge(v), 8)
     assert torch.equal(ours, merge(F.scaled_dot_product_attention(q, k, v)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_kernel_takes_few_keys_padded_to_whole_rows(dtype, monkeypatch):
+    """On the fused kernel's path, a prompt's 77 keys go padded to 80 with the padding masked out: the kernel's
+    result on the 77 within bf16's rounding or fp32's sums in another order, and as close to exact; 600 keys (more than PAD_KEYS_UNDER), 80 keys, causal
+    attention and training stay as they are."""
+    monkeypatch.setattr(attention_module, "fused_kernel_faster", lambda d: True)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 300, 40, generator=g).to(dtype)
+    merge = lambda t: t.transpose(1, 2).reshape(2, t.shape[2], 4 * 40)  # noqa: E731
+    for m, padded in ((77, True), (600, False), (80, False)):
+        k, v = (torch.randn(2, 4, m, 40, generator=g).to(dtype) for _ in range(2))
+        with torch.no_grad():
+            mask = attention_module._whole_key_rows(k, v, causal=False)[2]
+            ours = attention(merge(q), merge(k), merge(v), 4)
+        assert (mask is not None) == padded and (mask is None or mask.sum() == m)
+        fused = merge(F.scaled_dot_product_attention(q, k, v))
+        if not padded:
+            assert torch.equal(ours, fused)
+            continue
+        exact = merge(F.scaled_dot_product_attention(q.double(), k.double(), v.double()))
+        step = 2**-8 if dtype == torch.bfloat16 else 2**-20  # a rounding of bf16's; fp32's sums in another order
+        assert (ours.double() - fused.double()).abs().max() <= step * fused.abs().max().double()
+        assert (ours.double() - exact).abs().mean() <= 1.1 * (fused.double() - exact).abs().mean()
+        assert attention_module._whole_key_rows(k, v, causal=True)[2] is None
+        assert attention_module._whole_key_rows(k.requires_grad_(), v, causal=False)[2] is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
