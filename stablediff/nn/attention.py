@@ -53,13 +53,13 @@ def attention(q, k, v, heads: int, causal: bool = False, upcast: bool = False):
     rows = max(1, MAX_SCORES // (b * heads * k.shape[2]))
     if _by_products(q, causal):
         out = _products(q, k, v)
-    elif causal or rows >= n:
+    else:
         k, v, mask = _whole_key_rows(k, v, causal)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-    else:  # each query's row is independent: chunks bound the memory where a kernel would hold all the scores
-        k, v, mask = _whole_key_rows(k, v, causal)
-        out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + rows], k, v, attn_mask=mask)
-                         for i in range(0, n, rows)], dim=2)
+        if causal or rows >= n:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        else:  # each query's row is independent: chunks bound the memory where a kernel would hold all the scores
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + rows], k, v, attn_mask=mask)
+                             for i in range(0, n, rows)], dim=2)
     return out.to(dtype).transpose(1, 2).reshape(b, n, inner)
 
 

@@ -22,11 +22,7 @@ class Linear(nn.Linear):
         """x w^T + b, plus `add` (a residual of the output's shape) where given: on oneDNN, added as each output is
         written (packed.plus)."""
         if on_onednn(x, self.weight):
-            # contiguous: on strided rows oneDNN takes a path hundreds of times slower
-            x, w = x.contiguous(), packed.linear_weight(self, self.weight, x)
-            if add is not None:
-                return torch.ops.mkldnn._linear_pointwise.binary(x, add.contiguous(), w, self.bias, "add")
-            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
+            return packed.inner_product(self, x, self.weight, self.bias, add)
         return packed.plus(super().forward(x), add)
 
 

@@ -81,13 +81,22 @@ def _pixel_product(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias
     fp32, where linear weights stay unpacked, 0.93-1.09x, so fp32 stays a convolution."""
     n, c, h, w = x.shape
     rows = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, c)
-    packed = linear_weight(owner, weight.flatten(1), rows, "_packed_rows", part_of=weight)
-    product = torch.ops.mkldnn._linear_pointwise
-    if add is not None and layout(add) == torch.channels_last:
-        out, add = product.binary(rows, add.permute(0, 2, 3, 1).reshape(rows.shape[0], -1), packed, bias, "add"), None
-    else:
-        out = product(rows, packed, bias, "none", [], "")
-    return plus(out.view(n, h, w, -1).permute(0, 3, 1, 2), add)
+    added = add is not None and layout(add) == torch.channels_last  # as the product writes; NCHW ones after it
+    out = inner_product(owner, rows, weight.flatten(1), bias, add.permute(0, 2, 3, 1).reshape(len(rows), -1)
+                        if added else None, "_packed_rows", part_of=weight)
+    return plus(out.view(n, h, w, -1).permute(0, 3, 1, 2), None if added else add)
+
+
+def inner_product(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  add: torch.Tensor | None = None, slot: str = "_packed_weight",
+                  part_of: torch.Tensor | None = None) -> torch.Tensor:
+    """x weight^T + bias, plus `add` (of the output's shape) as each output is written, by oneDNN's inner product on
+    the weight packed once (linear_weight, on `owner` under `slot`): layers.Linear's and _pixel_product's."""
+    # contiguous: on strided rows oneDNN takes a path hundreds of times slower
+    x, w = x.contiguous(), linear_weight(owner, weight, x, slot, part_of)
+    if add is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, add.contiguous(), w, bias, "add")
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
 def _pack_parts(weight: torch.Tensor, parts: list[int], shapes: list[list[int]], padding, stride, dilation,
